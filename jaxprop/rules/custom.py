@@ -1,0 +1,112 @@
+"""Sub-programs: nested ``jit`` calls and user-defined derivative rules.
+
+- ``jit`` / ``closed_call`` / ``core_call``: the inner jaxpr is evaluated under the jaxprop
+  trace, so its primitives are recorded like any others (under an outer ``jax.jit`` XLA sees
+  one program either way).
+- ``custom_jvp_call``: honour the user's JVP. Its tangent output ``t_out = J t_in`` is linear
+  in ``t_in``; jaxprop records that linear map on an inner tape and its VJP is the reverse
+  sweep of that tape: ``ct_in = Jᵀ ct_out``. (Differentiating ``call_jaxpr`` instead would be
+  wrong at relu(0), softplus, xlogy(0, 0) …)
+- ``custom_vjp_call``: call the user's ``fwd`` (keeping its residuals) and, in the sweep, the
+  user's ``bwd``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from jaxprop import _jax
+from jaxprop.registry import Cotangent, Node
+from jaxprop.sweep import backward
+from jaxprop.tracer import JaxpropTrace, Tape, handler, zeros_like_value
+
+
+@handler("jit", "closed_call", "core_call")
+def inline_call(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any],
+                params: dict) -> list[Any]:
+    """jit(f)(x) -> f(x): record the callee's primitives on this tape."""
+    closed = params.get("jaxpr", params.get("call_jaxpr"))
+    jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
+    with _jax.set_current_trace(trace):
+        return _jax.eval_jaxpr(jaxpr, consts, *tracers)
+
+
+# -- custom_jvp ----------------------------------------------------------------------------
+def custom_jvp_call(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any,
+                    tracers: Sequence[Any], symbolic_zeros: bool) -> list[Any]:
+    """Primal outputs from the user's JVP, plus a node that transposes its tangent map."""
+    values, in_slots = zip(*map(trace.unwrap, tracers))
+    if all(s is None for s in in_slots):
+        avals = tuple(map(_jax.aval_of, values))
+        return primitive.bind_with_trace(trace.parent, values, avals,
+                                         dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros))
+    linear = JaxpropTrace(trace.parent)
+    with _jax.set_current_trace(trace.parent):
+        tangents = [linear.new_input(zeros_like_value(v)) if s is not None
+                    else _zero_tangent(v, symbolic_zeros) for v, s in zip(values, in_slots)]
+    try:
+        with _jax.set_current_trace(linear):
+            outs = jvp.call_wrapped(*values, *tangents)
+    finally:
+        linear.invalidate()
+    n = len(outs) // 2
+    primals_out, tangents_out = outs[:n], outs[n:]
+    tape = Tape(linear.nodes, [t.slot if s is not None else None
+                               for t, s in zip(tangents, in_slots)],
+                [linear.unwrap(t)[1] for t in tangents_out])
+    return trace.record(primitive, {"name": "custom_jvp"}, values, in_slots,
+                        list(primals_out), _transpose_linear_tape, residuals=tape,
+                        multiple_results=True)
+
+
+def _zero_tangent(value: Any, symbolic_zeros: bool) -> Any:
+    if symbolic_zeros:
+        return _jax.SymbolicZero(_jax.aval_of(value).to_tangent_aval())
+    return zeros_like_value(value)
+
+
+def _transpose_linear_tape(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """custom_jvp: ct_in = Jᵀ ct_out, by the reverse sweep of the recorded tangent map."""
+    tape: Tape = node.residuals
+    return backward(tape.nodes, tape.out_slots, cts, tape.in_slots)
+
+
+# -- custom_vjp ----------------------------------------------------------------------------
+def custom_vjp_call(trace: JaxpropTrace, primitive: Any, fun: Any, fwd: Any, bwd: Any,
+                    tracers: Sequence[Any], out_trees: Any, symbolic_zeros: bool) -> list[Any]:
+    """Run the user's ``fwd``; the node's rule runs the user's ``bwd`` on its residuals."""
+    values, in_slots = zip(*map(trace.unwrap, tracers))
+    if all(s is None for s in in_slots):
+        avals = tuple(map(_jax.aval_of, values))
+        return primitive.bind_with_trace(
+            trace.parent, values, avals,
+            dict(subfuns=(fun, fwd, bwd), out_trees=out_trees, symbolic_zeros=symbolic_zeros))
+    fwd_args = [x for v, s in zip(values, in_slots) for x in (v, s is not None)]
+    with _jax.set_current_trace(trace.parent):
+        res_and_out = fwd.call_wrapped(*fwd_args)
+    _, res_tree, input_forwards = out_trees()
+    n_res = res_tree.num_leaves - sum(f is not None for f in input_forwards)
+    fresh = iter(res_and_out[:n_res])
+    residuals = [next(fresh) if f is None else values[f] for f in input_forwards]
+    params = {"bwd": bwd, "symbolic_zeros": symbolic_zeros}
+    return trace.record(primitive, params, values, in_slots, list(res_and_out[n_res:]),
+                        _call_user_bwd, residuals=residuals, multiple_results=True)
+
+
+def _call_user_bwd(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """custom_vjp: ct_in = bwd(residuals, ct_out), the user's own rule."""
+    filled = [ct if ct is not None else _zero_cotangent(out, node.params["symbolic_zeros"])
+              for ct, out in zip(cts, node.outputs)]
+    in_cts = node.params["bwd"].call_wrapped(*node.residuals, *filled)
+    return [None if isinstance(ct, (_jax.Zero, _jax.SymbolicZero)) or not want else ct
+            for ct, want in zip(in_cts, node.wants)]
+
+
+def _zero_cotangent(value: Any, symbolic_zeros: bool) -> Any:
+    if symbolic_zeros:
+        return _jax.SymbolicZero(_jax.aval_of(value).to_ct_aval())
+    return zeros_like_value(value)
+
+
+__all__ = ["custom_jvp_call", "custom_vjp_call", "inline_call"]

@@ -1,0 +1,205 @@
+"""jaxprop's tracer: runs a function define-by-run and records one node per primitive.
+
+Each :class:`JaxpropTracer` wraps a value of the *parent* trace (a concrete array eagerly, a
+jit tracer under ``jax.jit``, another jaxprop tracer for higher order) and a *slot*, the
+integer the reverse sweep keys cotangents by. ``JaxpropTrace.process_primitive`` unwraps its
+own tracers, binds the primitive on the parent trace, appends a :class:`~jaxprop.registry.Node`
+to the tape and wraps the floating-point outputs. Values of other traces are constants here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprop import _jax
+from jaxprop.registry import Node, NodeRule, lookup, missing_rule_error
+
+
+def is_differentiable(aval: Any) -> bool:
+    """Floating and complex values carry gradients; integers, booleans, keys do not."""
+    dtype = getattr(aval, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+class JaxpropTracer(_jax.Tracer):
+    """A value being differentiated: the parent-level ``value`` and its tape ``slot``."""
+
+    __slots__ = ("value", "slot")
+
+    def __init__(self, trace: JaxpropTrace, value: Any, slot: int) -> None:
+        super().__init__(trace, _jax.aval_of(value))
+        self.value = value
+        self.slot = slot
+
+    def to_concrete_value(self) -> Any:
+        return _jax.to_concrete_value(self.value)
+
+    def full_lower(self) -> Any:
+        return self
+
+    def cur_qdd(self) -> Any:  # pragma: no cover - only for mutable-array avals
+        return self.value.cur_qdd() if hasattr(self.value, "cur_qdd") else None
+
+    def get_referent(self) -> Any:
+        return self
+
+
+# Primitives whose handling is not "bind and record one node" (jit, custom rules, loops).
+Handler = Callable[["JaxpropTrace", Any, Sequence[Any], dict], Any]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(*names: str) -> Callable[[Handler], Handler]:
+    """Register a tracer-level handler for primitives that carry sub-programs."""
+
+    def register(fn: Handler) -> Handler:
+        for name in names:
+            HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+class JaxpropTrace(_jax.Trace):
+    """A tape-recording trace over ``parent``; see the module docstring."""
+
+    def __init__(self, parent: Any) -> None:
+        super().__init__()
+        self.parent = parent
+        self.nodes: list[Node] = []
+        self._slots = 0
+        self.requires_low = True
+
+    # -- values ---------------------------------------------------------------------------
+    def new_input(self, value: Any) -> JaxpropTracer:
+        """A fresh differentiated input holding ``value``."""
+        self._slots += 1
+        return JaxpropTracer(self, value, self._slots)
+
+    def unwrap(self, x: Any) -> tuple[Any, int | None]:
+        """(parent-level value, slot) of ``x``; slot None for constants of this trace."""
+        if isinstance(x, JaxpropTracer) and x._trace is self:
+            return x.value, x.slot
+        return x, None
+
+    def wrap(self, value: Any) -> tuple[Any, int | None]:
+        """Wrap a parent-level output: a tracer if it is floating point, else the value."""
+        if is_differentiable(_jax.aval_of(value)):
+            tracer = self.new_input(value)
+            return tracer, tracer.slot
+        return value, None
+
+    def stage_value(self, val: Any) -> Any:  # pragma: no cover - used by JAX's staging
+        return self.parent.stage_value(self.unwrap(val)[0])
+
+    # -- recording ------------------------------------------------------------------------
+    def record(self, primitive: Any, params: dict, inputs: Sequence[Any],
+               in_slots: Sequence[int | None], outputs: Any, rule: NodeRule,
+               residuals: Any = (), multiple_results: bool | None = None) -> Any:
+        """Append a node for ``outputs = primitive(*inputs)`` and return wrapped outputs."""
+        multiple = primitive.multiple_results if multiple_results is None else multiple_results
+        outs = tuple(outputs) if multiple else (outputs,)
+        wrapped, out_slots = zip(*map(self.wrap, outs)) if outs else ((), ())
+        if any(s is not None for s in out_slots):
+            self.nodes.append(Node(primitive, params, tuple(inputs), outs, tuple(in_slots),
+                                   tuple(out_slots), rule, residuals, _jax.current_source()))
+        return list(wrapped) if multiple else wrapped[0]
+
+    def process_primitive(self, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
+        values, slots = zip(*map(self.unwrap, tracers)) if tracers else ((), ())
+        if all(s is None for s in slots):
+            return _jax.bind_on(self.parent, primitive, values, params)
+        special = HANDLERS.get(primitive.name)
+        if special is not None:
+            return special(self, primitive, tracers, params)
+        outputs = _jax.bind_on(self.parent, primitive, values, params)
+        outs = outputs if primitive.multiple_results else (outputs,)
+        if not any(is_differentiable(_jax.aval_of(o)) for o in outs):
+            return outputs  # comparisons, argmax, iota …: nothing to differentiate
+        rule = lookup(primitive.name)
+        if rule is None:
+            raise missing_rule_error(primitive)
+        return self.record(primitive, params, values, slots, outputs, rule)
+
+    def process_custom_jvp_call(self, primitive: Any, fun: Any, jvp: Any,
+                                tracers: Sequence[Any], *, symbolic_zeros: bool) -> Any:
+        from jaxprop.rules.custom import custom_jvp_call
+        return custom_jvp_call(self, primitive, fun, jvp, tracers, symbolic_zeros)
+
+    def process_custom_vjp_call(self, primitive: Any, fun: Any, fwd: Any, bwd: Any,
+                                tracers: Sequence[Any], *, out_trees: Any,
+                                symbolic_zeros: bool) -> Any:
+        from jaxprop.rules.custom import custom_vjp_call
+        return custom_vjp_call(self, primitive, fun, fwd, bwd, tracers, out_trees,
+                               symbolic_zeros)
+
+
+def run_traced(fun: Callable[..., Any], values: Sequence[Any], *,
+               parent: Any = None) -> tuple[JaxpropTrace, list[JaxpropTracer], Any]:
+    """Run ``fun(*tracers)`` under a new trace whose inputs hold ``values``.
+
+    Returns the trace (with its tape), the input tracers and ``fun``'s raw output. The trace is
+    invalidated afterwards so leaked tracers raise JAX's escaped-tracer error.
+    """
+    if parent is None:
+        with _jax.take_current_trace() as parent:
+            return run_traced(fun, values, parent=parent)
+    trace = JaxpropTrace(parent)
+    tracers = [trace.new_input(v) for v in values]
+    try:
+        with _jax.set_current_trace(trace):
+            out = fun(*tracers)
+    finally:
+        trace.invalidate()
+    return trace, tracers, out
+
+
+def zeros_like_value(value: Any) -> Any:
+    """Zeros with ``value``'s shape and tangent dtype (float0 for integers and booleans)."""
+    aval = _jax.aval_of(value)
+    if is_differentiable(aval):
+        return jnp.zeros(aval.shape, aval.dtype)
+    return np.zeros(aval.shape, _jax.float0)
+
+
+@jax.tree_util.register_pytree_node_class
+class Tape:
+    """The recorded nodes plus the slots of the traced function's inputs and outputs.
+
+    A pytree: its leaves are every array the nodes hold, so a pullback built on a tape can be
+    returned from or passed through ``jax.jit`` like ``jax.vjp``'s.
+    """
+
+    def __init__(self, nodes: Sequence[Node], in_slots: Sequence[int | None],
+                 out_slots: Sequence[int | None]) -> None:
+        self.nodes = list(nodes)
+        self.in_slots = tuple(in_slots)
+        self.out_slots = tuple(out_slots)
+
+    def tree_flatten(self) -> tuple[list, Any]:
+        data = [(n.inputs, n.outputs, n.residuals) for n in self.nodes]
+        skeleton = [(n.primitive, n.params, n.in_slots, n.out_slots, n.rule, n.source)
+                    for n in self.nodes]
+        return [data], _Skeleton((skeleton, self.in_slots, self.out_slots))
+
+    @classmethod
+    def tree_unflatten(cls, aux: _Skeleton, children: list) -> Tape:
+        skeleton, in_slots, out_slots = aux.value
+        nodes = [Node(p, params, ins, outs, isl, osl, rule, res, src)
+                 for (p, params, isl, osl, rule, src), (ins, outs, res)
+                 in zip(skeleton, children[0])]
+        return cls(nodes, in_slots, out_slots)
+
+
+class _Skeleton:
+    """Static part of a tape, compared by identity (like a fresh ``jax.vjp`` pullback)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
