@@ -31,7 +31,7 @@ def _trace(fun: Callable, primals: Sequence[Any], has_aux: bool
     """Run ``fun(*primals)`` on a tape; return (output, pullback, aux)."""
     leaves, in_tree = tree_flatten(primals)
     diff = [is_differentiable(_jax.aval_of(x)) for x in leaves]
-    diff_leaves = [x for x, d in zip(leaves, diff) if d]
+    diff_leaves = [jnp.asarray(x) for x, d in zip(leaves, diff) if d]
 
     def flat_fun(*tracers: Any) -> Any:
         it = iter(tracers)
@@ -51,8 +51,8 @@ def _trace(fun: Callable, primals: Sequence[Any], has_aux: bool
     out_values, out_slots = zip(*map(trace.unwrap, out_leaves)) if out_leaves else ((), ())
     in_slots = iter(t.slot for t in tracers)
     tape = Tape(trace.nodes, [next(in_slots) if d else None for d in diff], out_slots)
-    pullback = Partial(_pullback, tape, tree_unflatten(out_tree, list(out_values)), in_tree,
-                       leaves_like(leaves))
+    static = functools.partial(_pullback, in_tree=in_tree, in_specs=leaves_like(leaves))
+    pullback = Partial(static, tape, tree_unflatten(out_tree, list(out_values)))
     return tree_unflatten(out_tree, list(out_values)), pullback, aux
 
 
@@ -61,7 +61,7 @@ def leaves_like(leaves: Sequence[Any]) -> list[Any]:
     return [jax.ShapeDtypeStruct(np.shape(x), _jax.aval_of(x).dtype) for x in leaves]
 
 
-def _pullback(tape: Tape, out: Any, in_tree: Any, in_specs: Any, cotangent: Any) -> tuple:
+def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: Any) -> tuple:
     """Cotangents of the primals, given the output's cotangent (same structure as output)."""
     ct_leaves, ct_tree = tree_flatten(cotangent)
     if ct_tree != tree_structure(out):
