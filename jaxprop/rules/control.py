@@ -1,0 +1,303 @@
+"""Control flow: primitives that carry sub-programs (loops, branches, checkpoints).
+
+- ``scan``: a forward ``lax.scan`` that records each step on a small tape and stacks the tape's
+  per-step arrays (its residuals); the backward is a reverse ``lax.scan`` that rebuilds one
+  step's tape and sweeps it: carries the carry-cotangent, accumulates the consts' cotangents
+  and emits the xs' cotangents as its ys. Memory: O(T × one step's residuals).
+- ``cond`` / ``switch``: eagerly (concrete index) the taken branch is recorded inline; traced,
+  one node whose backward is a ``lax.switch`` over the branches' VJPs (each recomputes its
+  branch under jaxprop and sweeps it).
+- ``while``: reverse mode needs the trip count, so the loop runs step by step while its
+  predicate is concrete (eagerly); under ``jax.jit`` a clear error suggests ``lax.scan``.
+- ``remat2`` (``jax.checkpoint``): one node that saves only its inputs; its backward recomputes
+  the forward on a fresh tape and sweeps it.
+- pass-through: ``optimization_barrier`` and ``name`` hand ct through; debug callbacks have no
+  outputs (nothing to differentiate); ``pure_callback`` has no derivative (clear error).
+
+Every backward here is written with ``lax.scan`` / ``lax.switch`` and jaxprop's own sweep, so
+it is traceable (``jax.jit``, ``jax.vmap``) and differentiable again by these same handlers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.extend.core as _xcore
+import jax.numpy as jnp
+from jax import lax
+from jax.tree_util import tree_flatten, tree_unflatten
+
+from jaxprop import _jax
+from jaxprop.registry import Cotangent, Node, defvjp, noderule
+from jaxprop.rules._util import convert_like
+from jaxprop.rules.custom import inline_call
+from jaxprop.sweep import backward
+from jaxprop.tracer import (JaxpropTrace, Tape, handler, is_differentiable, run_traced)
+
+__all__ = ["WhileLoopError", "cond", "remat", "scan", "while_loop"]
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+def _merge(values: Sequence[Any], diff: Sequence[bool], tracers: Sequence[Any]) -> list[Any]:
+    """``values`` with the differentiated positions replaced, in order, by ``tracers``."""
+    it = iter(tracers)
+    return [next(it) if d else v for v, d in zip(values, diff)]
+
+
+def _traced_vjp(closed: Any, values: Sequence[Any], diff: Sequence[bool]
+                ) -> tuple[list[Any], Tape]:
+    """Evaluate a (Closed)Jaxpr on ``values`` under a fresh jaxprop trace whose inputs are the
+    ``diff`` positions. Returns the parent-level outputs and the tape (in_slots: diff inputs)."""
+    jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
+    trace, tracers, outs = run_traced(
+        lambda *d: _jax.eval_jaxpr(jaxpr, consts, *_merge(values, diff, d)),
+        [v for v, d in zip(values, diff) if d])
+    out_values, out_slots = zip(*map(trace.unwrap, outs)) if outs else ((), ())
+    return list(out_values), Tape(trace.nodes, [t.slot for t in tracers], out_slots)
+
+
+def _ct_for(ct: Cotangent, like: Any, step: bool = False) -> Any:
+    """A concrete, non-weak cotangent with ``like``'s dtype (zeros for a symbolic zero): loop
+    carries and switch branches need one fixed type. ``step``: ``like`` is a stacked xs and
+    the cotangent is for one step's slice."""
+    aval = _jax.aval_of(like)
+    if step:
+        aval = aval.update(shape=aval.shape[1:])
+    if ct is None:
+        return jnp.zeros(aval.shape, aval.dtype)
+    return lax.convert_element_type(convert_like(ct, aval.dtype), aval.dtype)
+
+
+def _depends(jaxpr: Any, flags: Sequence[bool]) -> list[bool]:
+    """Which outputs of ``jaxpr`` (may) depend on the inputs flagged True; only floating-point
+    values carry the dependence (conservative: any flagged input taints all eqn outputs)."""
+    tainted = {v for v, f in zip(jaxpr.invars, flags) if f}
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, _xcore.Literal) and v in tainted for v in eqn.invars):
+            tainted.update(v for v in eqn.outvars if is_differentiable(v.aval))
+    return [not isinstance(v, _xcore.Literal) and v in tainted for v in jaxpr.outvars]
+
+
+# -- scan -----------------------------------------------------------------------------------
+@handler("scan")
+def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
+    """scan(consts ‖ carry ‖ xs) -> carry ‖ ys: stack each step's tape, sweep it in reverse."""
+    closed, n_c, n_k = params["jaxpr"], params["num_consts"], params["num_carry"]
+    values, slots = zip(*map(trace.unwrap, tracers))
+    diff = _scan_diff(closed.jaxpr, slots, n_c, n_k)
+    consts = values[:n_c]
+    captured: dict = {}
+
+    def step(carry: list, xs: list) -> tuple:
+        """One step on its own tape; per-step tape arrays are stacked, loop-invariant kept."""
+        step_trace = _jax.get_current_trace()
+        outs, tape = _traced_vjp(closed, [*consts, *carry, *xs], diff)
+        leaves, treedef = tree_flatten(tape)
+        stacked, where, fixed, seen = [], [], [], {}
+        for leaf in leaves:
+            if isinstance(leaf, _jax.Tracer) and leaf._trace is step_trace:
+                if id(leaf) not in seen:  # one copy of a value several nodes read
+                    seen[id(leaf)] = len(stacked)
+                    stacked.append(leaf)
+                where.append((True, seen[id(leaf)]))
+            else:  # a constant or a value from outside the loop: not per step
+                where.append((False, len(fixed)))
+                fixed.append(leaf)
+        captured.update(treedef=treedef, where=tuple(where), fixed=fixed,
+                        out_slots=tape.out_slots)
+        return outs[:n_k], (outs[n_k:], stacked)
+
+    with _jax.set_current_trace(trace.parent):
+        carry, (ys, stacked) = lax.scan(step, list(values[n_c:n_c + n_k]),
+                                        list(values[n_c + n_k:]), length=params["length"],
+                                        reverse=params["reverse"], unroll=params["unroll"])
+    info = dict(params, diff=tuple(diff), treedef=captured["treedef"], where=captured["where"],
+                body_out_slots=captured["out_slots"])
+    return trace.record(primitive, info, values, slots, [*carry, *ys], _scan_rule,
+                        residuals=(stacked, captured["fixed"]))
+
+
+def _scan_diff(jaxpr: Any, slots: Sequence[Any], n_c: int, n_k: int) -> list[bool]:
+    """Differentiated body inputs: given consts and xs, and carries by fixpoint (a carry that
+    starts constant becomes differentiated once the body makes it depend on one)."""
+    diff = [s is not None and is_differentiable(v.aval) for s, v in zip(slots, jaxpr.invars)]
+    while True:
+        carry_out = _depends(jaxpr, diff)[:n_k]
+        new = [d or o for d, o in zip(diff[n_c:n_c + n_k], carry_out)]
+        if new == diff[n_c:n_c + n_k]:
+            return diff
+        diff[n_c:n_c + n_k] = new
+
+
+def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """Reverse scan of the body's VJP: ct_carry flows back step by step, Σ_t ct_consts(t),
+    ct_xs[t] as ys."""
+    p = node.params
+    n_c, n_k, diff = p["num_consts"], p["num_carry"], p["diff"]
+    values = node.inputs
+    stacked, fixed = node.residuals
+    carry_d = [i for i in range(n_c, n_c + n_k) if diff[i]]
+    const_d = [i for i in range(n_c) if diff[i] and node.in_slots[i] is not None]
+    xs_d = [i for i in range(n_c + n_k, len(values)) if diff[i] and node.in_slots[i] is not None]
+    ys_ct = [j for j in range(len(cts) - n_k) if cts[n_k + j] is not None
+             and p["body_out_slots"][n_k + j] is not None]
+    position = {i: k for k, i in enumerate(i for i in range(len(values)) if diff[i])}
+
+    def step(carry: tuple, x: tuple) -> tuple:
+        ct_carry, acc = carry
+        leaves_t, ct_ys = x
+        leaves = [leaves_t[k] if per_step else fixed[k] for per_step, k in p["where"]]
+        tape = tree_unflatten(p["treedef"], leaves)
+        out_cts: list = [None] * len(cts)
+        for i, ct in zip(carry_d, ct_carry):
+            out_cts[i - n_c] = ct
+        for j, ct in zip(ys_ct, ct_ys):
+            out_cts[n_k + j] = ct
+        in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
+        new_carry = [_ct_for(in_cts[position[i]], values[i]) for i in carry_d]
+        new_acc = [a + _ct_for(in_cts[position[i]], values[i]) for a, i in zip(acc, const_d)]
+        ct_xs = [_ct_for(in_cts[position[i]], values[i], step=True) for i in xs_d]
+        return (new_carry, new_acc), ct_xs
+
+    init = ([_ct_for(cts[i - n_c], values[i]) for i in carry_d],
+            [_ct_for(None, values[i]) for i in const_d])
+    (ct_init, ct_consts), ct_xs = lax.scan(
+        step, init, (list(stacked), [cts[n_k + j] for j in ys_ct]), length=p["length"],
+        reverse=not p["reverse"], unroll=p["unroll"])
+    out: list[Cotangent] = [None] * len(values)
+    for i, ct in zip(const_d, ct_consts):
+        out[i] = ct
+    for i, ct in zip(carry_d, ct_init):
+        out[i] = ct if node.in_slots[i] is not None else None
+    for i, ct in zip(xs_d, ct_xs):
+        out[i] = ct
+    return out
+
+
+# -- cond / switch ----------------------------------------------------------------------------
+@handler("cond")
+def cond(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
+    """cond(index, *ops): record the taken branch inline when the index is concrete, else one
+    node whose backward switches over the branches' VJPs."""
+    branches = params["branches"]
+    values, slots = zip(*map(trace.unwrap, tracers))
+    index = _jax.to_concrete_value(values[0])
+    if index is not None:
+        taken = branches[min(max(int(index), 0), len(branches) - 1)]
+        with _jax.set_current_trace(trace):
+            return _jax.eval_jaxpr(taken.jaxpr, taken.consts, *tracers[1:])
+    outs = _jax.bind_on(trace.parent, primitive, values, params)
+    return trace.record(primitive, params, values, slots, outs, _cond_rule)
+
+
+def _cond_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """ct_ops = switch(index, [vjp(branch_i)(ops, ct) for each branch])."""
+    index, ops = node.inputs[0], list(node.inputs[1:])
+    diff = [s is not None for s in node.in_slots[1:]]
+    present = [j for j, ct in enumerate(cts) if ct is not None]
+
+    def branch_vjp(closed: Any) -> Callable:
+        def vjp(ops: list, cts_present: list) -> list:
+            out_cts: list = [None] * len(cts)
+            for j, ct in zip(present, cts_present):
+                out_cts[j] = ct
+            _, tape = _traced_vjp(closed, ops, diff)
+            in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
+            return [_ct_for(ct, v) for ct, v in zip(in_cts, (o for o, d in zip(ops, diff) if d))]
+        return vjp
+
+    in_cts = iter(lax.switch(index, [branch_vjp(b) for b in node.params["branches"]], ops,
+                             [cts[j] for j in present]))
+    return [None] + [next(in_cts) if d else None for d in diff]
+
+
+# -- while ----------------------------------------------------------------------------------
+class WhileLoopError(TypeError):
+    """Reverse-mode differentiation through a while_loop whose trip count is not known."""
+
+
+@handler("while")
+def while_loop(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict
+               ) -> Any:
+    """while(cond_consts ‖ body_consts ‖ carry): unrolled on the tape, step by step, while the
+    predicate is concrete (the trip count is then known, as reverse mode requires)."""
+    cj, bj = params["cond_jaxpr"], params["body_jaxpr"]
+    n_cc, n_bc = params["cond_nconsts"], params["body_nconsts"]
+    cond_consts, body_consts = tracers[:n_cc], tracers[n_cc:n_cc + n_bc]
+    carry = list(tracers[n_cc + n_bc:])
+    steps = 0
+    while True:
+        with _jax.set_current_trace(trace):
+            pred = _jax.eval_jaxpr(cj.jaxpr, cj.consts, *cond_consts, *carry)[0]
+        pred = _jax.to_concrete_value(trace.unwrap(pred)[0])
+        if pred is None:
+            return _traced_while(trace, primitive, [*cond_consts, *body_consts, *carry],
+                                 params, n_cc, steps)
+        if not pred:
+            return carry
+        with _jax.set_current_trace(trace):
+            carry = _jax.eval_jaxpr(bj.jaxpr, bj.consts, *body_consts, *carry)
+        steps += 1
+
+
+def _traced_while(trace: JaxpropTrace, primitive: Any, tracers: list, params: dict,
+                  n_cc: int, steps: int) -> Any:
+    """A traced predicate: fine if nothing differentiated flows through the body, else an
+    error that says what to use instead."""
+    values, slots = zip(*map(trace.unwrap, tracers))
+    if steps == 0 and all(s is None for s in slots[n_cc:]):
+        return _jax.bind_on(trace.parent, primitive, values, params)
+    where = _jax.source_summary(_jax.current_source())
+    raise WhileLoopError(
+        "jaxprop cannot differentiate (reverse mode) through lax.while_loop "
+        "(or lax.fori_loop with traced bounds) when its trip count is not known at trace time"
+        + (f", at {where}" if where else "") + ": under jax.jit / jax.vmap the loop predicate "
+        "is a tracer. Reverse mode must store or recompute every iteration, so it needs a "
+        "static trip count. Use lax.scan, or lax.fori_loop with Python-int (static) bounds "
+        "(which lowers to a scan), optionally with jax.checkpoint on the body to save memory; "
+        "or differentiate outside jax.jit, where the loop runs eagerly and the trip count is "
+        "concrete.")
+
+
+# -- remat2 (jax.checkpoint) ------------------------------------------------------------------
+@handler("remat2", "checkpoint")
+def remat(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
+    """jax.checkpoint(f)(x): one node that keeps only x (and f's outputs)."""
+    values, slots = zip(*map(trace.unwrap, tracers))
+    outs = _jax.bind_on(trace.parent, primitive, values, params)
+    return trace.record(primitive, params, values, slots, outs, _remat_rule)
+
+
+def _remat_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """ct_x = vjp(f)(x)(ct), with f's forward recomputed here from the saved inputs."""
+    values = list(node.inputs)
+    if node.params.get("prevent_cse", True) and values:
+        values = list(lax.optimization_barrier(tuple(values)))  # XLA must not reuse the forward
+    diff = [s is not None for s in node.in_slots]
+    _, tape = _traced_vjp(node.params["jaxpr"], values, diff)
+    in_cts = iter(backward(tape.nodes, tape.out_slots, list(cts), tape.in_slots))
+    return [next(in_cts) if d else None for d in diff]
+
+
+# -- pass-through ---------------------------------------------------------------------------
+@noderule("optimization_barrier")
+def _optimization_barrier(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """optimization_barrier(*xs) = xs: each ct passes through."""
+    return [ct if s is not None else None for ct, s in zip(cts, node.in_slots)]
+
+
+defvjp("name", lambda ct, out, x, **_: ct)            # checkpoint_name(x) = x: identity
+handler("pjit")(inline_call)                            # older name of nested jit
+
+
+@handler("pure_callback", "io_callback", "custom_lin")
+def no_derivative(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict
+                  ) -> Any:
+    """Host callbacks are opaque: there is no derivative to take."""
+    where = _jax.source_summary(_jax.current_source())
+    raise NotImplementedError(
+        f"jaxprop cannot differentiate through '{primitive.name}'"
+        + (f" (at {where})" if where else "") + ": the callback is opaque Python code with no "
+        "derivative. Wrap the call in jax.custom_vjp (or jax.custom_jvp) with your own rule, "
+        f"or register one: jaxprop.register('{primitive.name}', rule).")
