@@ -1,12 +1,20 @@
-"""Reductions: a sum copies its cotangent back to every summand (broadcast = copy gate)."""
+"""Reductions: a sum copies its cotangent back to every summand (broadcast = copy gate); a max
+routes it to the maximal elements, shared equally among ties; a product sends each factor the
+product of the others. Cumulative ops (prefix scans) are differentiated through the parallel
+prefix scan that computes them, as JAX does, so ties and zeros are shared as in JAX.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprop.rules._util import convert_like
 from jaxprop.registry import defvjp
+from jaxprop.rules._util import convert_like
 
 
 def expand_to(ct, x, axes):
@@ -16,5 +24,68 @@ def expand_to(ct, x, axes):
     return lax.broadcast_in_dim(ct, shape, kept)
 
 
+def vjp_by_tracing(fn: Callable[..., Any], primals: Sequence[Any],
+                   cts: Sequence[Any]) -> list[Any]:
+    """Cotangents of ``primals`` for ``fn``'s outputs' ``cts``: jaxprop's own tape of ``fn``.
+
+    For rules best stated as "differentiate this composite of simpler primitives" (prefix
+    scans, generic window reductions). The sweep binds on the current trace, so it nests.
+    """
+    from jaxprop.sweep import backward      # the sweep imports nothing from rules; lazy anyway
+    from jaxprop.tracer import run_traced
+    trace, tracers, out = run_traced(fn, primals)
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return backward(trace.nodes, [trace.unwrap(o)[1] for o in outs], cts,
+                    [t.slot for t in tracers])
+
+
+# -- total reductions ------------------------------------------------------------------------
 defvjp("reduce_sum",                                     # Σ: every element gets ct
        lambda ct, out, x, axes, **_: convert_like(expand_to(ct, x, axes), x.dtype))
+
+
+def _chooser(ct, out, x, axes, **_):
+    """max/min: ct / (number of tied extrema), to each element equal to the result."""
+    hits = (x == expand_to(out, x, axes)).astype(ct.dtype)
+    count = lax.reduce_sum(hits, axes)
+    return expand_to(ct / count, x, axes) * hits
+
+
+defvjp("reduce_max", _chooser)
+defvjp("reduce_min", _chooser)
+
+
+def _reduce_prod(ct, out, x, axes, **_):
+    """∏x: ∂/∂xᵢ = ∏_{j≠i} xⱼ = (prefix product before i)·(suffix product after i), exact at 0."""
+    shape = np.shape(x)
+    rest = tuple(i for i in range(len(shape)) if i not in axes)
+    perm = tuple(axes) + rest
+    flat = lax.transpose(x, perm).reshape((-1,) + tuple(shape[i] for i in rest))
+    one = np.ones((), x.dtype)
+    no_pad = [(0, 0, 0)] * (flat.ndim - 1)
+    before = lax.cumprod(lax.pad(flat, one, [(1, -1, 0)] + no_pad), axis=0)
+    after = lax.cumprod(lax.pad(flat, one, [(-1, 1, 0)] + no_pad), axis=0, reverse=True)
+    others = (before * after).reshape(tuple(shape[i] for i in perm))
+    return expand_to(ct, x, axes) * lax.transpose(others, tuple(np.argsort(perm)))
+
+
+defvjp("reduce_prod", _reduce_prod)
+
+
+# -- prefix scans ----------------------------------------------------------------------------
+defvjp("cumsum",                                         # yᵢ = Σ_{j≤i} xⱼ: ctₓ = reverse cumsum
+       lambda ct, out, x, axis, reverse: lax.cumsum(ct, axis, reverse=not reverse))
+
+
+def _by_prefix_scan(combine: Callable[[Any, Any], Any]):
+    """cum-op(x) = associative_scan(combine, x): VJP of that scan's tape (as JAX's JVP)."""
+    def rule(ct, out, x, axis, reverse):
+        scan = lambda v: lax.associative_scan(combine, v, reverse=reverse, axis=axis)
+        return vjp_by_tracing(scan, [x], [ct])[0]
+    return rule
+
+
+defvjp("cumprod", _by_prefix_scan(lax.mul))
+defvjp("cummax", _by_prefix_scan(lax.max))
+defvjp("cummin", _by_prefix_scan(lax.min))
+defvjp("cumlogsumexp", _by_prefix_scan(jnp.logaddexp))
