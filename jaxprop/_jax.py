@@ -34,16 +34,49 @@ SourceInfo = Any
 _source_info.register_exclusion(os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 __all__ = [
-    "ClosedJaxpr", "Jaxpr", "Primitive", "SourceInfo", "SymbolicZero", "Trace", "TraceTag",
-    "Tracer", "Zero", "aval_of", "bind_on", "current_source", "escaped_tracer_check",
-    "eval_jaxpr", "float0", "get_current_trace", "set_current_trace", "source_summary",
-    "take_current_trace", "to_concrete_value",
+    "ClosedJaxpr", "Jaxpr", "Primitive", "SourceInfo", "Symbolic", "SymbolicZero", "Trace", "TraceTag",
+    "Tracer", "Zero", "abstract_eval", "aval_of", "bind_on", "current_source", "escaped_tracer_check",
+    "eval_jaxpr", "float0", "get_current_trace", "identity_primitive", "set_current_trace",
+    "source_frame", "source_scope", "source_summary", "take_current_trace",
+    "to_concrete_value",
 ]
 
 
 def aval_of(x: Any) -> Any:
     """The abstract value (shape, dtype, weak type) of an array, scalar or tracer."""
+    if type(x) is Symbolic:
+        return x.aval
     return jax.typeof(x)
+
+
+def abstract_eval(primitive: Any, avals: Any, params: dict) -> Any:
+    """Output aval(s) of ``primitive`` applied to inputs of types ``avals``, computing nothing."""
+    out, _effects = primitive.abstract_eval(*avals, **params)
+    return out
+
+
+@jax.tree_util.register_pytree_node_class
+class Symbolic:
+    """A value known only by its type: the tangents of a linear map being recorded."""
+
+    __slots__ = ("aval",)
+
+    def __init__(self, aval: Any) -> None:
+        self.aval = aval
+
+    shape = property(lambda self: self.aval.shape)
+    dtype = property(lambda self: self.aval.dtype)
+    ndim = property(lambda self: len(self.aval.shape))
+
+    def tree_flatten(self) -> tuple[tuple, Any]:
+        return (), self.aval
+
+    @classmethod
+    def tree_unflatten(cls, aval: Any, _: Any) -> Symbolic:
+        return cls(aval)
+
+    def __repr__(self) -> str:
+        return f"Symbolic({self.aval.str_short()})"
 
 
 def to_concrete_value(x: Any) -> Any:
@@ -75,6 +108,36 @@ def source_summary(source: Any) -> str:
         return _source_info.summarize(source)
     except Exception:  # pragma: no cover - a traceback JAX cannot summarise
         return ""
+
+
+def source_frame(source: Any) -> tuple[str, int, str] | None:
+    """``(file, line, function)`` of the first user frame of ``source``; None if unknown."""
+    frame = _source_info.user_frame(getattr(source, "traceback", None))
+    return None if frame is None else (frame.file_name, frame.start_line, frame.function_name)
+
+
+def source_scope(source: Any) -> str:
+    """The ``jax.named_scope`` / Flax module path active where ``source`` was taken ('a/b')."""
+    return str(getattr(source, "name_stack", "") or "")
+
+
+def identity_primitive(name: str, transpose: Any) -> Any:
+    """A primitive ``p(x, **params) = x`` (eager, jit, vmap) for marking values.
+
+    jaxprop records it like any primitive and gives it its own rule. For JAX's autodiff it is
+    linear with transpose ``ct -> transpose(ct, **params)``, so ``jax.grad`` of a program
+    containing it still works (jaxprop never uses these JAX rules).
+    """
+    from jax._src.interpreters import ad, batching, mlir
+
+    prim = Primitive(name)
+    prim.def_impl(lambda x, **params: x)
+    prim.def_abstract_eval(lambda x, **params: x)
+    mlir.register_lowering(prim, lambda ctx, x, **params: [x])
+    ad.deflinear2(prim, lambda ct, x, **params: [transpose(ct, **params)])
+    batching.primitive_batchers[prim] = (
+        lambda args, dims, **params: (prim.bind(*args, **params), dims[0]))
+    return prim
 
 
 def escaped_tracer_check(value: Any) -> None:

@@ -139,6 +139,56 @@ class JaxpropTrace(_jax.Trace):
                                symbolic_zeros)
 
 
+class LinearTrace(JaxpropTrace):
+    """Records a *linear* map without evaluating it: its inputs are :class:`_jax.Symbolic`.
+
+    Used to capture a custom JVP rule's tangent map ``t ↦ J t``: the primal computations in
+    the rule run on the parent as usual, while each primitive applied to a tangent is only
+    recorded (its output type from abstract evaluation). The reverse sweep of the tape is
+    ``ct ↦ Jᵀ ct``; rules never read a tangent's value, because the map is linear in it.
+    """
+
+    def new_symbolic_input(self, aval: Any) -> JaxpropTracer:
+        """A fresh tangent input of type ``aval``."""
+        return self.new_input(_jax.Symbolic(aval))
+
+    def process_primitive(self, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
+        values, slots = zip(*map(self.unwrap, tracers)) if tracers else ((), ())
+        if all(s is None for s in slots):
+            return _jax.bind_on(self.parent, primitive, values, params)
+        special = HANDLERS.get(primitive.name)
+        if special is not None:
+            return special(self, primitive, tracers, params)
+        rule = lookup(primitive.name)
+        if rule is None:
+            raise missing_rule_error(primitive)
+        out_avals = _jax.abstract_eval(primitive, [_jax.aval_of(v) for v in values], params)
+        outputs = ([_jax.Symbolic(a) for a in out_avals] if primitive.multiple_results
+                   else _jax.Symbolic(out_avals))
+        return self.record(primitive, params, values, slots, outputs, rule)
+
+    def process_custom_jvp_call(self, primitive: Any, fun: Any, jvp: Any,
+                                tracers: Sequence[Any], *, symbolic_zeros: bool) -> Any:
+        if self._touches_tangents(tracers):  # a linear use: record the function itself
+            with _jax.set_current_trace(self):
+                return fun.call_wrapped(*tracers)
+        return _jax.bind_on(self.parent, primitive, tracers,
+                            dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros))
+
+    def process_custom_vjp_call(self, primitive: Any, fun: Any, fwd: Any, bwd: Any,
+                                tracers: Sequence[Any], *, out_trees: Any,
+                                symbolic_zeros: bool) -> Any:
+        if self._touches_tangents(tracers):
+            with _jax.set_current_trace(self):
+                return fun.call_wrapped(*tracers)
+        return _jax.bind_on(self.parent, primitive, tracers,
+                            dict(subfuns=(fun, fwd, bwd), out_trees=out_trees,
+                                 symbolic_zeros=symbolic_zeros))
+
+    def _touches_tangents(self, tracers: Sequence[Any]) -> bool:
+        return any(self.unwrap(t)[1] is not None for t in tracers)
+
+
 def run_traced(fun: Callable[..., Any], values: Sequence[Any], *,
                parent: Any = None) -> tuple[JaxpropTrace, list[JaxpropTracer], Any]:
     """Run ``fun(*tracers)`` under a new trace whose inputs hold ``values``.

@@ -4,8 +4,9 @@
   trace, so its primitives are recorded like any others (under an outer ``jax.jit`` XLA sees
   one program either way).
 - ``custom_jvp_call``: honour the user's JVP. Its tangent output ``t_out = J t_in`` is linear
-  in ``t_in``; jaxprop records that linear map on an inner tape and its VJP is the reverse
-  sweep of that tape: ``ct_in = Jᵀ ct_out``. (Differentiating ``call_jaxpr`` instead would be
+  in ``t_in``; jaxprop records that linear map on an inner tape without evaluating it (a
+  :class:`~jaxprop.tracer.LinearTrace`) and its VJP is the reverse sweep of that tape:
+  ``ct_in = Jᵀ ct_out``. (Differentiating ``call_jaxpr`` instead would be
   wrong at relu(0), softplus, xlogy(0, 0) …)
 - ``custom_vjp_call``: call the user's ``fwd`` (keeping its residuals) and, in the sweep, the
   user's ``bwd``.
@@ -19,7 +20,7 @@ from typing import Any
 from jaxprop import _jax
 from jaxprop.registry import Cotangent, Node
 from jaxprop.sweep import backward
-from jaxprop.tracer import JaxpropTrace, Tape, handler, zeros_like_value
+from jaxprop.tracer import JaxpropTrace, LinearTrace, Tape, handler, zeros_like_value
 
 
 @handler("jit", "closed_call", "core_call")
@@ -38,13 +39,13 @@ def custom_jvp_call(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any,
     """Primal outputs from the user's JVP, plus a node that transposes its tangent map."""
     values, in_slots = zip(*map(trace.unwrap, tracers))
     if all(s is None for s in in_slots):
-        avals = tuple(map(_jax.aval_of, values))
-        return primitive.bind_with_trace(trace.parent, values, avals,
-                                         dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros))
-    linear = JaxpropTrace(trace.parent)
+        return _jax.bind_on(trace.parent, primitive, values,
+                            dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros))
+    linear = LinearTrace(trace.parent)
     with _jax.set_current_trace(trace.parent):
-        tangents = [linear.new_input(zeros_like_value(v)) if s is not None
-                    else _zero_tangent(v, symbolic_zeros) for v, s in zip(values, in_slots)]
+        tangents = [linear.new_symbolic_input(_jax.aval_of(v).to_tangent_aval())
+                    if s is not None else _zero_tangent(v, symbolic_zeros)
+                    for v, s in zip(values, in_slots)]
     try:
         with _jax.set_current_trace(linear):
             outs = jvp.call_wrapped(*values, *tangents)
@@ -78,10 +79,9 @@ def custom_vjp_call(trace: JaxpropTrace, primitive: Any, fun: Any, fwd: Any, bwd
     """Run the user's ``fwd``; the node's rule runs the user's ``bwd`` on its residuals."""
     values, in_slots = zip(*map(trace.unwrap, tracers))
     if all(s is None for s in in_slots):
-        avals = tuple(map(_jax.aval_of, values))
-        return primitive.bind_with_trace(
-            trace.parent, values, avals,
-            dict(subfuns=(fun, fwd, bwd), out_trees=out_trees, symbolic_zeros=symbolic_zeros))
+        return _jax.bind_on(trace.parent, primitive, values,
+                            dict(subfuns=(fun, fwd, bwd), out_trees=out_trees,
+                                 symbolic_zeros=symbolic_zeros))
     fwd_args = [x for v, s in zip(values, in_slots) for x in (v, s is not None)]
     with _jax.set_current_trace(trace.parent):
         res_and_out = fwd.call_wrapped(*fwd_args)

@@ -12,34 +12,35 @@ from jaxprop.rules._util import convert_like
 
 def _dot_transpose(ct, other, this_ndim, dims, this_is_lhs, precision):
     """Cotangent of one dot_general operand: contract ``ct`` with ``other`` over ``other``'s
-    free axes, then permute the result into this operand's axis order."""
+    free axes, then permute the result into this operand's axis order. Of the two operand
+    orders, the one that needs no permutation is used when there is one."""
     (c_l, c_r), (b_l, b_r) = dims
     c_this, c_other = (c_l, c_r) if this_is_lhs else (c_r, c_l)
     b_this, b_other = (b_l, b_r) if this_is_lhs else (b_r, b_l)
-    other_ndim = np.ndim(other)
     nb = len(b_this)
     free_this = [i for i in range(this_ndim) if i not in c_this and i not in b_this]
-    free_other = [i for i in range(other_ndim) if i not in c_other and i not in b_other]
-    # ct axes: batch, lhs free, rhs free.
-    ct_free_other = (list(range(nb + len(free_this), nb + len(free_this) + len(free_other)))
-                     if this_is_lhs else list(range(nb, nb + len(free_other))))
-    ct_free_this = (list(range(nb, nb + len(free_this))) if this_is_lhs
-                    else list(range(nb + len(free_other), nb + len(free_other) + len(free_this))))
-    result = lax.dot_general(ct, other, ((ct_free_other, free_other),
-                                         (list(range(nb)), list(b_other))), precision=precision)
-    # result axes: batch, ct's remaining (= this free, in ct order), other's remaining (= c_other
-    # in increasing order, each matching c_this).
-    del ct_free_this
-    remaining_other = sorted(c_other)
-    position = {}
-    for k, axis in enumerate(b_this):
-        position[axis] = k
-    for j, axis in enumerate(free_this):
-        position[axis] = nb + j
-    for a_this, a_other in zip(c_this, c_other):
-        position[a_this] = nb + len(free_this) + remaining_other.index(a_other)
-    perm = tuple(position[a] for a in range(this_ndim))
-    return lax.transpose(result, perm) if perm != tuple(range(this_ndim)) else result
+    free_other = [i for i in range(np.ndim(other)) if i not in c_other and i not in b_other]
+    # ct's axes: batch, lhs free, rhs free.
+    ct_free_other = list(range(nb + len(free_this), nb + len(free_this) + len(free_other))
+                         if this_is_lhs else range(nb, nb + len(free_other)))
+    rank = {a: r for r, a in enumerate(sorted(c_other))}  # other's leftover axes, in order
+    batch = {a: k for k, a in enumerate(b_this)}
+    # Order A: dot(ct, other) -> batch, this free, other's contracting axes.
+    pos_a = {**batch, **{a: nb + j for j, a in enumerate(free_this)},
+             **{a: nb + len(free_this) + rank[o] for a, o in zip(c_this, c_other)}}
+    # Order B: dot(other, ct) -> batch, other's contracting axes, this free.
+    pos_b = {**batch, **{a: nb + rank[o] for a, o in zip(c_this, c_other)},
+             **{a: nb + len(c_other) + j for j, a in enumerate(free_this)}}
+    perm_a = tuple(pos_a[a] for a in range(this_ndim))
+    perm_b = tuple(pos_b[a] for a in range(this_ndim))
+    identity = tuple(range(this_ndim))
+    ct_batch = list(range(nb))
+    if perm_b == identity and perm_a != identity:
+        return lax.dot_general(other, ct, ((free_other, ct_free_other), (list(b_other), ct_batch)),
+                               precision=precision)
+    result = lax.dot_general(ct, other, ((ct_free_other, free_other), (ct_batch, list(b_other))),
+                             precision=precision)
+    return lax.transpose(result, perm_a) if perm_a != identity else result
 
 
 def _dot_lhs(ct, out, x, y, dimension_numbers, precision=None, **_):
