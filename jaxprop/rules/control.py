@@ -31,7 +31,7 @@ from jax.tree_util import tree_flatten, tree_unflatten
 from jaxprop import _jax
 from jaxprop.registry import Cotangent, Node, defvjp, noderule
 from jaxprop.rules._util import convert_like
-from jaxprop.rules.custom import inline_call
+from jaxprop.rules.custom import eval_on, inline_call
 from jaxprop.sweep import backward
 from jaxprop.tracer import (JaxpropTrace, Tape, handler, is_differentiable, run_traced)
 
@@ -49,9 +49,8 @@ def _traced_vjp(closed: Any, values: Sequence[Any], diff: Sequence[bool]
                 ) -> tuple[list[Any], Tape]:
     """Evaluate a (Closed)Jaxpr on ``values`` under a fresh jaxprop trace whose inputs are the
     ``diff`` positions. Returns the parent-level outputs and the tape (in_slots: diff inputs)."""
-    jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
     trace, tracers, outs = run_traced(
-        lambda *d: _jax.eval_jaxpr(jaxpr, consts, *_merge(values, diff, d)),
+        lambda *d: eval_on(_jax.get_current_trace(), closed, _merge(values, diff, d)),
         [v for v, d in zip(values, diff) if d])
     out_values, out_slots = zip(*map(trace.unwrap, outs)) if outs else ((), ())
     return list(out_values), Tape(trace.nodes, [t.slot for t in tracers], out_slots)
@@ -185,8 +184,7 @@ def cond(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
     index = _jax.to_concrete_value(values[0])
     if index is not None:
         taken = branches[min(max(int(index), 0), len(branches) - 1)]
-        with _jax.set_current_trace(trace):
-            return _jax.eval_jaxpr(taken.jaxpr, taken.consts, *tracers[1:])
+        return eval_on(trace, taken, tracers[1:])
     outs = _jax.bind_on(trace.parent, primitive, values, params)
     return trace.record(primitive, params, values, slots, outs, _cond_rule)
 
@@ -228,16 +226,14 @@ def while_loop(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], para
     carry = list(tracers[n_cc + n_bc:])
     steps = 0
     while True:
-        with _jax.set_current_trace(trace):
-            pred = _jax.eval_jaxpr(cj.jaxpr, cj.consts, *cond_consts, *carry)[0]
+        pred = eval_on(trace, cj, [*cond_consts, *carry])[0]
         pred = _jax.to_concrete_value(trace.unwrap(pred)[0])
         if pred is None:
             return _traced_while(trace, primitive, [*cond_consts, *body_consts, *carry],
                                  params, n_cc, steps)
         if not pred:
             return carry
-        with _jax.set_current_trace(trace):
-            carry = _jax.eval_jaxpr(bj.jaxpr, bj.consts, *body_consts, *carry)
+        carry = eval_on(trace, bj, [*body_consts, *carry])
         steps += 1
 
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
+from jax.extend.core import Literal
+
 from jaxprop import _jax
 from jaxprop.registry import Cotangent, Node
 from jaxprop.sweep import backward
@@ -27,10 +30,17 @@ from jaxprop.tracer import JaxpropTrace, LinearTrace, Tape, handler, zeros_like_
 def inline_call(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any],
                 params: dict) -> list[Any]:
     """jit(f)(x) -> f(x): record the callee's primitives on this tape."""
-    closed = params.get("jaxpr", params.get("call_jaxpr"))
+    return eval_on(trace, params.get("jaxpr", params.get("call_jaxpr")), tracers)
+
+
+def eval_on(trace: Any, closed: Any, args: Sequence[Any]) -> list[Any]:
+    """Evaluate a (Closed)Jaxpr on ``args`` with ``trace`` current. A literal output comes back
+    as an array of its declared dtype (``eval_jaxpr`` alone returns the bare Python scalar)."""
     jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
     with _jax.set_current_trace(trace):
-        return _jax.eval_jaxpr(jaxpr, consts, *tracers)
+        outs = _jax.eval_jaxpr(jaxpr, consts, *args)
+    return [jnp.asarray(o, v.aval.dtype) if isinstance(v, Literal) else o
+            for o, v in zip(outs, jaxpr.outvars)]
 
 
 # -- custom_jvp ----------------------------------------------------------------------------
@@ -109,4 +119,4 @@ def _zero_cotangent(value: Any, symbolic_zeros: bool) -> Any:
     return zeros_like_value(value)
 
 
-__all__ = ["custom_jvp_call", "custom_vjp_call", "inline_call"]
+__all__ = ["custom_jvp_call", "custom_vjp_call", "eval_on", "inline_call"]
