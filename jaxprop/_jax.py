@@ -9,7 +9,7 @@ and source-location helpers.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.core as _jcore
@@ -17,6 +17,7 @@ import jax.extend.core as _xcore
 from jax._src import core as _core
 from jax._src import source_info_util as _source_info
 from jax._src.ad_util import SymbolicZero, Zero
+from jax._src.lib import xla_client as _xla_client
 from jax.dtypes import float0
 
 Trace = _jcore.Trace
@@ -29,12 +30,13 @@ set_current_trace = _xcore.set_current_trace
 take_current_trace = _xcore.take_current_trace
 eval_jaxpr = _jcore.eval_jaxpr
 SourceInfo = Any
+_xla_traceback = _xla_client.Traceback.get_traceback
 
 # jaxprop's own frames are not the user's: error messages point past them.
 _source_info.register_exclusion(os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 __all__ = [
-    "ClosedJaxpr", "Jaxpr", "Primitive", "SourceInfo", "Symbolic", "SymbolicZero", "Trace", "TraceTag",
+    "ClosedJaxpr", "Jaxpr", "Primitive", "Source", "SourceInfo", "Symbolic", "SymbolicZero", "Trace", "TraceTag",
     "Tracer", "Zero", "abstract_eval", "aval_of", "bind_on", "current_source", "escaped_tracer_check",
     "eval_jaxpr", "float0", "get_current_trace", "identity_primitive", "set_current_trace",
     "source_frame", "source_scope", "source_summary", "take_current_trace",
@@ -95,9 +97,26 @@ def get_current_trace() -> Any:
     return _core.trace_ctx.trace
 
 
-def current_source() -> Any:
-    """A cheap handle on the current Python traceback, summarised only when shown."""
-    return _source_info.current()
+class Source(NamedTuple):
+    """Where a node was recorded: JAX's source info (the equation's traceback inside inlined
+    ``jit`` bodies, and the ``named_scope`` stack) plus the live Python traceback, which still
+    reaches the user's line when the equation's own traceback stops at a jitted jnp function.
+    """
+
+    info: Any
+    live: Any
+
+
+def current_source() -> Source:
+    """A cheap handle on the current tracebacks, summarised only when shown."""
+    return Source(_source_info._source_info_context.context, _xla_traceback())
+
+
+def _user_frame(source: Any) -> Any:
+    if isinstance(source, Source):
+        return (_source_info.user_frame(getattr(source.info, "traceback", None))
+                or _source_info.user_frame(source.live))
+    return _source_info.user_frame(getattr(source, "traceback", None))
 
 
 def source_summary(source: Any) -> str:
@@ -105,20 +124,22 @@ def source_summary(source: Any) -> str:
     if source is None:
         return ""
     try:
-        return _source_info.summarize(source)
+        frame = _user_frame(source)
     except Exception:  # pragma: no cover - a traceback JAX cannot summarise
         return ""
+    return "" if frame is None else f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
 
 
 def source_frame(source: Any) -> tuple[str, int, str] | None:
     """``(file, line, function)`` of the first user frame of ``source``; None if unknown."""
-    frame = _source_info.user_frame(getattr(source, "traceback", None))
+    frame = _user_frame(source) if source is not None else None
     return None if frame is None else (frame.file_name, frame.start_line, frame.function_name)
 
 
 def source_scope(source: Any) -> str:
     """The ``jax.named_scope`` / Flax module path active where ``source`` was taken ('a/b')."""
-    return str(getattr(source, "name_stack", "") or "")
+    info = source.info if isinstance(source, Source) else source
+    return str(getattr(info, "name_stack", "") or "")
 
 
 def identity_primitive(name: str, transpose: Any) -> Any:

@@ -89,7 +89,11 @@ def defvjp(name: str, *input_rules: InputRule | None) -> NodeRule:
 
         jaxprop.defvjp("sin", lambda ct, out, x: ct * jnp.cos(x))
     """
+    return register(name, vjp_rule(*input_rules))
 
+
+def vjp_rule(*input_rules: InputRule | None) -> NodeRule:
+    """The node rule made of one function per input, as :func:`defvjp` takes them."""
     takes = [_param_filter(f) for f in input_rules]
 
     def rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
@@ -99,7 +103,7 @@ def defvjp(name: str, *input_rules: InputRule | None) -> NodeRule:
                 for f, take, s in zip(input_rules, takes, node.in_slots)]
 
     rule.__doc__ = input_rules[0].__doc__ if input_rules and input_rules[0] else None
-    return register(name, rule)
+    return rule
 
 
 def _param_filter(fn: InputRule | None) -> Callable[[dict], dict]:
@@ -125,8 +129,15 @@ def _zero_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     return [None] * len(node.inputs)
 
 
+# Scoped replacements (``jaxprop.override``), innermost last; consulted before ``_RULES``.
+OVERRIDES: list[dict[str, NodeRule]] = []
+
+
 def lookup(name: str) -> NodeRule | None:
-    """The registered rule for ``name`` (None if jaxprop has none)."""
+    """The rule for ``name``: an active override if any, else the registered one (or None)."""
+    for rules in reversed(OVERRIDES):
+        if name in rules:
+            return rules[name]
     return _RULES.get(name)
 
 

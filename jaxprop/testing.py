@@ -11,7 +11,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -21,7 +21,7 @@ from jax.tree_util import tree_flatten, tree_map, tree_unflatten
 
 from jaxprop import api
 
-__all__ = ["check_vjp", "default_tolerance", "random_like"]
+__all__ = ["arrays", "check_vjp", "default_tolerance", "pytrees", "random_like", "shapes"]
 
 
 def default_tolerance(dtype: Any) -> float:
@@ -129,3 +129,85 @@ def _assert_close(ours: Any, theirs: Any, rtol: float | None, atol: float | None
             raise AssertionError(f"{what} leaf {i} ({a.dtype}{list(a.shape)}): "
                                  f"{bad.sum()} of {a.size} entries differ, max rel err {err:.3g}"
                                  f"\n jaxprop: {a.ravel()[:8]}\n jax:     {b.ravel()[:8]}")
+
+
+# -- hypothesis strategies: arrays, shapes and pytrees for property tests -----------------
+def _hypothesis() -> tuple[Any, Any]:
+    try:
+        from hypothesis import strategies as st
+        from hypothesis.extra import numpy as hnp
+    except ImportError as err:  # pragma: no cover - hypothesis is a test dependency
+        raise ImportError("jaxprop.testing's strategies need hypothesis: "
+                          "pip install hypothesis") from err
+    return st, hnp
+
+
+def shapes(min_dims: int = 0, max_dims: int = 3, min_side: int = 1,
+           max_side: int = 4) -> Any:
+    """Hypothesis strategy for array shapes: tuples of ``min_dims..max_dims`` sides in
+    ``min_side..max_side`` (``min_side=0`` includes empty arrays).
+
+    >>> @hypothesis.given(jaxprop.testing.shapes(max_dims=2))
+    ... def test_shape(shape): ...
+    """
+    st, hnp = _hypothesis()
+    return hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side,
+                            max_side=max_side)
+
+
+def arrays(dtype: Any = jnp.float32, shape: Any = None, *, min_value: float = -3.0,
+           max_value: float = 3.0, exclude: Sequence[float] = ()) -> Any:
+    """Hypothesis strategy for finite ``jnp`` arrays of ``dtype`` in [min_value, max_value].
+
+    ``shape`` is a tuple or a strategy (default :func:`shapes`); ``exclude`` lists values to
+    keep away from (e.g. ``(0.0,)`` for log or 1/x: elements within 1e-2 of them are moved).
+    Complex dtypes draw real and imaginary parts independently.
+
+    >>> @hypothesis.given(jaxprop.testing.arrays(shape=(3,), min_value=0.1))
+    ... def test_log(x):
+    ...     jaxprop.testing.check_vjp(jnp.log, x, order=2)
+    """
+    st, hnp = _hypothesis()
+    dtype = jnp.dtype(dtype)
+    shape = shapes() if shape is None else shape
+    shape = shape if hasattr(shape, "example") else st.just(tuple(shape))
+    if jnp.issubdtype(dtype, jnp.integer):
+        elements = st.integers(int(min_value), int(max_value))
+    else:
+        elements = st.floats(min_value, max_value, allow_nan=False, allow_infinity=False,
+                             width=64)
+    draw_dtype = np.float64 if not jnp.issubdtype(dtype, jnp.integer) else np.int64
+
+    def build(parts: Any) -> Any:
+        x = np.asarray(parts[0], draw_dtype)
+        for v in exclude:
+            x = np.where(np.abs(x - v) < 1e-2, v + 1e-2, x)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            x = x + 1j * np.asarray(parts[1], draw_dtype)
+        return jnp.asarray(x, dtype)
+
+    def for_shape(s: tuple) -> Any:
+        part = hnp.arrays(draw_dtype, s, elements=elements)
+        n = 2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1
+        return st.tuples(*[part] * n).map(build)
+
+    return shape.flatmap(for_shape)
+
+
+def pytrees(leaves: Any = None, max_leaves: int = 4) -> Any:
+    """Hypothesis strategy for pytrees (nested dicts, lists and tuples) of ``leaves``
+    (default: float32 :func:`arrays`) with at most ``max_leaves`` leaves.
+
+    >>> @hypothesis.given(jaxprop.testing.pytrees())
+    ... def test_tree(params):
+    ...     jaxprop.testing.check_vjp(lambda p: jax.tree.map(jnp.tanh, p), params)
+    """
+    st, _ = _hypothesis()
+    leaves = arrays() if leaves is None else leaves
+    return st.recursive(
+        leaves,
+        lambda children: st.one_of(
+            st.lists(children, min_size=1, max_size=3),
+            st.lists(children, min_size=1, max_size=3).map(tuple),
+            st.dictionaries(st.sampled_from("abcdefgh"), children, min_size=1, max_size=3)),
+        max_leaves=max_leaves)

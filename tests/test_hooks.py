@@ -1,0 +1,176 @@
+"""Hooks, rule overrides, straight-through, gradient reversal, clipping, feedback alignment."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprop
+from jaxprop.testing import check_vjp
+
+X = jnp.array([-1.5, -0.2, 0.3, 2.0])
+
+
+def model(x, fn):
+    h = jnp.tanh(x) * 3.0
+    h = jaxprop.hook(h, fn)
+    return jnp.sum(jnp.sin(h) + h ** 2)
+
+
+def plain(x):
+    return model(x, lambda ct: None)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_hook_that_doubles_a_cotangent_doubles_the_gradient(mode):
+    g = jaxprop.grad(lambda x: model(x, lambda ct: 2 * ct))
+    g = jax.jit(g) if mode == "jit" else g
+    np.testing.assert_allclose(g(X), 2 * jax.grad(plain)(X), rtol=1e-6)
+
+
+def test_hook_sees_the_total_cotangent_of_a_value_used_twice():
+    seen = []
+
+    def f(x):
+        h = jaxprop.hook(x * 2.0, lambda ct: seen.append(ct))
+        return jnp.sum(h * 3.0 + h ** 2)           # ∂/∂h = 3 + 2h
+
+    g = jaxprop.grad(f)(X)
+    assert len(seen) == 1
+    np.testing.assert_allclose(seen[0], 3.0 + 4.0 * X, rtol=1e-6)
+    np.testing.assert_allclose(g, jax.grad(f)(X), rtol=1e-6)   # None: ct unchanged
+
+
+def test_hook_replaces_what_flows_below_only():
+    def f(x, y):
+        h = jaxprop.hook(x * y, lambda ct: jnp.zeros_like(ct))
+        return jnp.sum(h + y)                       # y also reaches the loss directly
+
+    gx, gy = jaxprop.grad(f, argnums=(0, 1))(X, X)
+    np.testing.assert_array_equal(gx, 0.0)
+    np.testing.assert_array_equal(gy, 1.0)
+
+
+def test_hook_never_called_without_a_cotangent():
+    calls = []
+    f = lambda x: jnp.sum(x) + 0 * jnp.sum(jax.lax.stop_gradient(  # noqa: E731
+        jaxprop.hook(x, lambda ct: calls.append(1))))
+    jaxprop.grad(f)(X)
+    assert calls == []
+
+
+def test_hook_under_vmap_and_jax_grad():
+    f = lambda x: jnp.sin(jaxprop.hook(x, lambda ct: 2 * ct))  # noqa: E731
+    xs = jnp.linspace(-1.0, 1.0, 5)
+    np.testing.assert_allclose(jax.vmap(jaxprop.grad(f))(xs), 2 * jnp.cos(xs), rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(f))(xs), 2 * jnp.cos(xs), rtol=1e-6)
+    check_vjp(lambda x: model(x, lambda ct: 2 * ct), X, order=2)
+
+
+def test_hook_second_order():
+    """The hooked value is x itself at both orders, so the hook scales each sweep: 3·3·f''."""
+    f = lambda x: jnp.sin(jaxprop.hook(x, lambda ct: 3 * ct)) ** 2  # noqa: E731
+    ours = jaxprop.grad(jaxprop.grad(f))(0.7)
+    np.testing.assert_allclose(ours, 9 * jax.grad(jax.grad(lambda x: jnp.sin(x) ** 2))(0.7),
+                               rtol=1e-5)
+    np.testing.assert_allclose(ours, jax.grad(jax.grad(f))(0.7), rtol=1e-5)
+
+
+def test_hook_pytree_and_bad_shape():
+    f = lambda p: jnp.sum(jaxprop.hook(p, lambda ct: -ct)["a"] * p["b"])  # noqa: E731
+    g = jaxprop.grad(f)({"a": X, "b": 2 * X})
+    np.testing.assert_allclose(g["a"], -2 * X)
+    np.testing.assert_allclose(g["b"], X)        # p["b"] used unhooked
+    with pytest.raises(ValueError, match="shape"):
+        jaxprop.grad(lambda x: jnp.sum(jaxprop.hook(x, lambda ct: ct[:2])))(X)
+
+
+def test_gradient_reversal():
+    f = lambda x, s: jnp.sum(jnp.exp(jaxprop.gradient_reversal(x, s)))  # noqa: E731
+    np.testing.assert_allclose(jaxprop.grad(f)(X, 0.5), -0.5 * jnp.exp(X), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jaxprop.grad(f))(X, 0.5), -0.5 * jnp.exp(X), rtol=1e-6)
+    np.testing.assert_allclose(jaxprop.value_and_grad(f)(X, 1.0)[0], jnp.sum(jnp.exp(X)))
+
+
+def test_clip_gradient():
+    f = lambda x: jnp.sum(jaxprop.clip_gradient(x, -1.0, 0.5) * jnp.array([-3., 0.2, 0.4, 9.]))  # noqa: E731
+    np.testing.assert_allclose(jaxprop.grad(f)(X), [-1.0, 0.2, 0.4, 0.5])
+
+
+def test_clip_gradient_norm():
+    f = lambda x: jnp.sum(jaxprop.clip_gradient_norm(x, 1.0) * jnp.array([3., 0., 4., 0.]))  # noqa: E731
+    np.testing.assert_allclose(jaxprop.grad(f)(X), [0.6, 0.0, 0.8, 0.0], rtol=1e-6)
+    small = lambda x: jnp.sum(jaxprop.clip_gradient_norm(x, 10.0) * 0.1)  # noqa: E731
+    np.testing.assert_allclose(jaxprop.grad(small)(X), 0.1, rtol=1e-6)
+
+
+# -- rule overrides -----------------------------------------------------------------------
+pass_through = jaxprop.vjp_rule(lambda ct, out, x, y: ct, None)  # max(x, 0): ct to x
+
+
+def relu_twice(x):
+    a = jnp.maximum(x, 0.0)
+    with jaxprop.override("max", pass_through):
+        b = jnp.maximum(x, 0.0)
+    return jnp.sum(a + 10 * b)
+
+
+def test_override_applies_to_its_scope_only():
+    expect = (X > 0) * 1.0 + 10.0
+    np.testing.assert_allclose(jaxprop.grad(relu_twice)(X), expect)
+    np.testing.assert_allclose(jax.jit(jaxprop.grad(relu_twice))(X), expect)
+    np.testing.assert_allclose(jaxprop.grad(lambda x: jnp.sum(jnp.maximum(x, 0.0)))(X),
+                               (X > 0) * 1.0)                 # restored afterwards
+    np.testing.assert_allclose(jax.grad(relu_twice)(X), (X > 0) * 11.0)  # JAX unaffected
+
+
+def test_override_as_decorator_nested_and_node_rule():
+    mul_rule = jaxprop.registry.lookup("mul")
+
+    def double_mul(node, cts):
+        return [2 * ct if ct is not None else None for ct in mul_rule(node, cts)]
+
+    f = jaxprop.override({"mul": double_mul})(lambda x: jnp.sum(x * x))
+    np.testing.assert_allclose(jaxprop.grad(f)(X), 4 * X, rtol=1e-6)
+    with jaxprop.override("sin", jaxprop.vjp_rule(lambda ct, out, x: 5 * ct)):
+        with jaxprop.override("sin", jaxprop.vjp_rule(lambda ct, out, x: 7 * ct)):
+            inner = jaxprop.grad(jnp.sin)(0.3)
+        outer = jaxprop.grad(jnp.sin)(0.3)
+    assert (float(inner), float(outer)) == (7.0, 5.0)
+    np.testing.assert_allclose(jaxprop.grad(jnp.sin)(0.3), jnp.cos(0.3))
+    with pytest.raises(TypeError):
+        jaxprop.override("sin")
+    assert jaxprop.registry.OVERRIDES == []
+
+
+def test_straight_through():
+    q = jaxprop.straight_through(jnp.round)
+    f = lambda x: jnp.sum(q(x) * jnp.arange(4.0))  # noqa: E731
+    np.testing.assert_array_equal(q(X), jnp.round(X))
+    for g in (jaxprop.grad(f), jax.jit(jaxprop.grad(f)), jax.grad(f)):
+        np.testing.assert_array_equal(g(X), jnp.arange(4.0))
+    wide = jaxprop.straight_through(lambda x: jnp.sign(x) * jnp.ones((3, 1)))  # (3, 4)
+    np.testing.assert_array_equal(jaxprop.grad(lambda x: jnp.sum(wide(x)))(X), 3 * jnp.ones(4))
+
+
+def test_feedback_alignment():
+    x = jax.random.normal(jax.random.key(0), (5, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 4))
+    B = jax.random.normal(jax.random.key(2), (3, 4))
+    loss = lambda x, w: jnp.sum(jnp.tanh(jaxprop.feedback_alignment(x, w, B)) ** 2)  # noqa
+    dy = 2 * jnp.tanh(x @ w) * (1 - jnp.tanh(x @ w) ** 2)
+    gx, gw = jaxprop.grad(loss, argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(gx, dy @ B.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gw, x.T @ dy, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss(x, w), jnp.sum(jnp.tanh(x @ w) ** 2), rtol=1e-6)
+    jx, jw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(jx, gx, rtol=1e-5, atol=1e-6)
+
+    def via_override(x, w):
+        with jaxprop.override("dot_general", jaxprop.feedback_rule(B)):
+            h = x @ w
+        return jnp.sum(jnp.tanh(h) ** 2)
+
+    ox, ow = jax.jit(jaxprop.grad(via_override, argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(ox, gx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ow, gw, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,125 @@
+"""Gradients of intermediate values: jaxprop.tag and grad_and_tags."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprop
+
+KEY = jax.random.key(0)
+PARAMS = {"w1": jax.random.normal(KEY, (3, 5)) * 0.5,
+          "w2": jax.random.normal(jax.random.key(1), (5, 2)) * 0.5}
+X = jax.random.normal(jax.random.key(2), (4, 3))
+
+
+def mlp(params, x, eps=None):
+    """A two-layer net; ``eps`` are the zero perturbations JAX users add by hand."""
+    eps = eps or {"h1": 0.0, "h2": 0.0}
+    h1 = jaxprop.tag(jnp.tanh(x @ params["w1"]), "h1") + eps["h1"]
+    h2 = jaxprop.tag(h1 @ params["w2"], "h2") + eps["h2"]
+    return jnp.sum(jax.nn.log_softmax(h2) * jnp.array([1.0, 0.0]))
+
+
+def by_perturbation():
+    zeros = {"h1": jnp.zeros((4, 5)), "h2": jnp.zeros((4, 2))}
+    return jax.grad(mlp, argnums=(0, 2))(PARAMS, X, zeros)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_tag_gradients_equal_zero_perturbation_gradients(mode):
+    f = jaxprop.grad_and_tags(mlp)
+    grads, tags = (jax.jit(f) if mode == "jit" else f)(PARAMS, X)
+    want_grads, want_tags = by_perturbation()
+    assert set(tags) == {"h1", "h2"}
+    for k in ("h1", "h2"):
+        np.testing.assert_allclose(tags[k], want_tags[k], rtol=1e-5, atol=1e-6)
+    for k in PARAMS:
+        np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-5, atol=1e-6)
+
+
+def test_tags_are_no_ops_elsewhere():
+    value = mlp(PARAMS, X)
+    np.testing.assert_allclose(jax.jit(mlp)(PARAMS, X), value, rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(mlp, (None, 0))(PARAMS, X[:, None])[0],
+                               mlp(PARAMS, X[:1]), rtol=1e-6)
+    g_jax = jax.grad(mlp)(PARAMS, X)
+    g_ours = jaxprop.grad(mlp)(PARAMS, X)
+    for k in PARAMS:
+        np.testing.assert_allclose(g_ours[k], g_jax[k], rtol=1e-5, atol=1e-6)
+
+
+def test_value_and_has_aux():
+    f = lambda w, x: (jnp.sum(jaxprop.tag(w * x, "h") ** 2), x.shape)  # noqa: E731
+    (value, aux), (g, tags) = jaxprop.value_and_grad_and_tags(f, has_aux=True)(2.0, X)
+    assert aux == X.shape
+    np.testing.assert_allclose(value, jnp.sum((2 * X) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(tags["h"], 4 * X, rtol=1e-6)
+    (g2, tags2), aux2 = jaxprop.grad_and_tags(f, has_aux=True)(2.0, X)
+    np.testing.assert_allclose(g2, g, rtol=1e-6)
+    np.testing.assert_allclose(tags2["h"], tags["h"])
+
+
+def test_tag_of_an_input_gives_the_saliency_map():
+    f = lambda params, x: mlp(params, jaxprop.tag(x, "x"))  # noqa: E731
+    _, tags = jaxprop.grad_and_tags(f)(PARAMS, X)
+    np.testing.assert_allclose(tags["x"], jax.grad(mlp, argnums=1)(PARAMS, X),
+                               rtol=1e-5, atol=1e-6)
+    _, tags = jax.jit(jaxprop.grad_and_tags(f))(PARAMS, X)
+    np.testing.assert_allclose(tags["x"], jax.grad(mlp, argnums=1)(PARAMS, X),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_pytree_tag_and_unused_tag_is_zero():
+    def f(w):
+        t = jaxprop.tag({"a": w * 2.0, "b": w * 3.0, "n": 7}, "t")
+        unused = jaxprop.tag(w * 5.0, "unused")
+        del unused
+        return jnp.sum(t["a"] ** 2)
+
+    g, tags = jaxprop.grad_and_tags(f)(X)
+    np.testing.assert_allclose(tags["t"]["a"], 4 * X, rtol=1e-6)
+    np.testing.assert_array_equal(tags["t"]["b"], jnp.zeros_like(X))
+    assert tags["t"]["n"] is None
+    np.testing.assert_array_equal(tags["unused"], jnp.zeros_like(X))
+    np.testing.assert_allclose(g, 8 * X, rtol=1e-6)
+
+
+def test_tags_inside_jitted_functions():
+    layer = jax.jit(lambda w, x: jaxprop.tag(jnp.sin(x * w), "s"))
+    f = lambda w, x: jnp.sum(layer(w, x) ** 2)  # noqa: E731
+    _, tags = jaxprop.grad_and_tags(f)(1.5, X)
+    np.testing.assert_allclose(tags["s"], 2 * jnp.sin(1.5 * X), rtol=1e-6)
+
+
+def test_duplicate_tag_names_are_an_error():
+    def f(w):
+        return jnp.sum(jaxprop.tag(w, "h") * jaxprop.tag(2 * w, "h"))
+
+    with pytest.raises(ValueError, match="more than one value"):
+        jaxprop.grad_and_tags(f)(X)
+
+
+def test_gradient_of_a_tag_gradient():
+    f = lambda w, x: jnp.sum(jaxprop.tag(x * w, "h") ** 3)  # noqa: E731  ∂L/∂h = 3h²
+    second = jaxprop.grad(lambda w: jnp.sum(jaxprop.grad_and_tags(f)(w, X)[1]["h"]))(0.5)
+    np.testing.assert_allclose(second, jnp.sum(6 * X * X * 0.5), rtol=1e-5)
+
+
+def test_tags_under_vmap():
+    f = lambda w, x: jnp.sum(jaxprop.tag(jnp.sin(w * x), "h") ** 2)  # noqa: E731
+    _, tags = jax.vmap(jaxprop.grad_and_tags(f), (None, 0))(0.7, X)
+    np.testing.assert_allclose(tags["h"], 2 * jnp.sin(0.7 * X), rtol=1e-6)
+
+
+def test_tags_inside_a_scan_body_are_a_clear_error():
+    def f(w, xs):
+        def body(c, x):
+            c = jaxprop.tag(jnp.tanh(c * w + x), "c")
+            return c, c
+        return jnp.sum(jax.lax.scan(body, 0.0, xs)[1])
+
+    with pytest.raises(ValueError, match="inside a scan"):
+        jaxprop.grad_and_tags(f)(0.5, jnp.ones(3))
+    np.testing.assert_allclose(jaxprop.grad(f)(0.5, jnp.ones(3)), jax.grad(f)(0.5, jnp.ones(3)),
+                               rtol=1e-5)
