@@ -155,6 +155,12 @@ def total_error(w):
     return sum(errors(output(w, hidden(w))))
 
 
+def total_error_x64(w) -> float:
+    """E_total at weights ``w`` in float64, as a Python float."""
+    with x64():
+        return float(total_error(jnp.asarray(w, jnp.float64)))
+
+
 def train_network(steps: int, w=None):
     """``steps`` steps of gradient descent at η = 0.5, as one jit-compiled lax.fori_loop."""
     with x64():
