@@ -174,3 +174,17 @@ def test_feedback_alignment():
     ox, ow = jax.jit(jaxprop.grad(via_override, argnums=(0, 1)))(x, w)
     np.testing.assert_allclose(ox, gx, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ow, gw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_feedback_alignment_experiment_quick():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "experiments/feedback_alignment.py", "--quick"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    accs = [float(line.split()[-1]) for line in run.stdout.splitlines() if "accuracy" in line]
+    assert len(accs) == 2 and accs[0] > 0.5 and accs[1] > 0.2   # both learn (chance is 0.1)
