@@ -147,13 +147,3 @@ def _rebind_on_cotangent(node, cts):
 for _name in ("sharding_constraint", "layout_constraint"):
     noderule(_name)(_rebind_on_cotangent)
 
-
-@noderule("optimization_barrier")
-def _optimization_barrier(node, cts):
-    """optimization_barrier: identity on each value; the cotangents pass through a barrier too."""
-    live = [i for i, ct in enumerate(cts) if ct is not None]
-    barred = node.primitive.bind(*[cts[i] for i in live]) if live else []
-    out = [None] * len(cts)
-    for i, ct in zip(live, barred):
-        out[i] = ct
-    return out
