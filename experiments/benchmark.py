@@ -1,0 +1,660 @@
+"""jaxprop against jax.grad, side by side in one process: step time, compile time, eager, memory.
+
+    python experiments/benchmark.py                      # full run (a few minutes on 2 cores)
+    python experiments/benchmark.py --quick              # smoke run: tiny sizes, 2 rounds
+    python experiments/benchmark.py --only transformer --rounds 30
+
+For every workload it measures four ratios, jaxprop / jax.grad (below 1 = jaxprop is better):
+
+1. **jit step**: one ``jax.jit``-compiled optax SGD step (gradient + update), chained so that
+   steps run one after another;
+2. **trace + compile**: ``jax.jit(step).lower(...)`` then ``.compile()``, with a fresh step
+   function every round so no cache hides the work (the trace-only ratio is in the JSON);
+3. **eager gradient**: the gradient without ``jax.jit``, op by op;
+4. **peak memory**: ``compiled.memory_analysis()`` of the step, temp + argument + output bytes.
+
+Timings alternate the two engines A B B A A B … and report the median of the per-round ratios
+(with the quartiles, so a reader sees whether ±5 % is resolved). The same run measures the
+machine's matmul roofline (a large jit-compiled f32 matmul) and reports the wide MLP step as a
+fraction of it (forward + backward FLOPs ≈ 3 × the forward matmul FLOPs); where PyTorch and
+HIPS autograd are installed, it also times their eager gradient of the small MLP.
+
+A workload that needs a VJP rule jaxprop does not have yet is reported as
+``missing rule: <primitive>`` instead of stopping the run.
+
+Outputs (in --out, default experiments/results): benchmark.md (the table for the README),
+benchmark.json (every number), benchmark.png (bar chart of the ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# -- flags ---------------------------------------------------------------------------------
+WORKLOADS = ["mlp_small", "mlp_wide", "cnn", "transformer", "lstm", "deep_mlp", "per_example"]
+METRICS = ["step", "compile", "eager", "memory"]
+BUDGET_S = 15.0  # a timed comparison stops adding rounds after this long (4 rounds at least)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark jaxprop against jax.grad (ratios jaxprop/jax; < 1 is better).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny sizes, 2 rounds (the tests run this)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of the jit-step comparison (eager uses half, compile a quarter, "
+                        "at least 2); default 30, or 2 with --quick")
+    p.add_argument("--only", action="append", choices=WORKLOADS, default=None,
+                   help="run only this workload (repeatable)")
+    p.add_argument("--target-ms", type=float, default=None,
+                   help="each timed sample repeats the call until it lasts about this long "
+                        "(default 40 ms, 2 ms with --quick)")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the roofline, PyTorch and autograd comparisons")
+    p.add_argument("--out", default="experiments/results", help="output folder")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (2 if args.quick else 30)
+    args.target_ms = args.target_ms or (2.0 if args.quick else 40.0)
+    args.only = args.only or WORKLOADS
+    args.out = Path(args.out)
+    return args
+
+
+import jax  # noqa: E402  (flags first, so --help is instant)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax import lax  # noqa: E402
+
+import jaxprop  # noqa: E402
+from jaxprop.registry import MissingRuleError  # noqa: E402
+
+ENGINES = {"jax": jax.grad, "jaxprop": jaxprop.grad}
+
+
+# -- workloads: params, batch, loss(params, batch) -----------------------------------------
+class Workload:
+    """A model to differentiate: ``loss(params, batch)``; ``grad_fn(grad)`` builds the
+    gradient function from an engine's ``grad`` (per-example workloads vmap it)."""
+
+    def __init__(self, name, title, params, batch, loss, flops=None, grad_fn=None):
+        self.name, self.title = name, title
+        self.params, self.batch, self.loss = params, batch, loss
+        self.flops = flops  # forward + backward FLOPs of one gradient, where known
+        self.grad_fn = grad_fn or (lambda grad: grad(loss))
+
+
+def dense_init(key, sizes, scale=None):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [dict(w=jax.random.normal(k, (m, n)) * (scale or math.sqrt(2.0 / m)),
+                 b=jnp.zeros(n)) for k, m, n in zip(keys, sizes[:-1], sizes[1:])]
+
+
+def mlp_apply(params, x):
+    for layer in params[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def cross_entropy(logits, labels):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
+
+
+def classification_batch(key, n, d, classes):
+    kx, ky = jax.random.split(key)
+    return dict(x=jax.random.normal(kx, (n, d)), y=jax.random.randint(ky, (n,), 0, classes))
+
+
+def mlp_workload(name, title, sizes, batch_size, key):
+    params = dense_init(key, sizes)
+    batch = classification_batch(jax.random.fold_in(key, 1), batch_size, sizes[0], sizes[-1])
+    loss = lambda p, b: cross_entropy(mlp_apply(p, b["x"]), b["y"])  # noqa: E731
+    flops = 3 * 2 * batch_size * sum(m * n for m, n in zip(sizes[:-1], sizes[1:]))
+    return Workload(name, title, params, batch, loss, flops)
+
+
+def make_mlp_small(quick, key):
+    sizes, batch = ([8, 16, 16, 4], 8) if quick else ([64, 256, 256, 10], 128)
+    return mlp_workload("mlp_small", f"MLP {'-'.join(map(str, sizes))}, batch {batch}",
+                        sizes, batch, key)
+
+
+def make_mlp_wide(quick, key):
+    sizes, batch = ([32, 64, 64, 10], 16) if quick else ([1024, 2048, 2048, 10], 512)
+    return mlp_workload("mlp_wide", f"MLP {'-'.join(map(str, sizes))}, batch {batch}",
+                        sizes, batch, key)
+
+
+def make_deep_mlp(quick, key):
+    depth, width, batch = (5, 8, 4) if quick else (50, 64, 32)
+    w = mlp_workload("deep_mlp", f"{depth}-layer MLP, width {width}, batch {batch}",
+                     [width] * depth + [10], batch, key)
+    return w
+
+
+def make_per_example(quick, key):
+    sizes, batch = ([8, 16, 4], 4) if quick else ([64, 256, 256, 10], 64)
+    params = dense_init(key, sizes)
+    data = classification_batch(jax.random.fold_in(key, 1), batch, sizes[0], sizes[-1])
+
+    def loss1(p, ex):  # one example
+        return cross_entropy(mlp_apply(p, ex["x"][None]), ex["y"][None])
+
+    def grad_fn(grad):
+        def per_example_mean(p, b):  # per-example gradients, then (as DP-SGD would) reduce
+            g = jax.vmap(grad(loss1), in_axes=(None, 0))(p, b)
+            return jax.tree_util.tree_map(lambda t: jnp.mean(t, 0), g)
+        return per_example_mean
+
+    return Workload("per_example", f"per-example grads (vmap), MLP {'-'.join(map(str, sizes))},"
+                    f" batch {batch}", params, data, loss1, grad_fn=grad_fn)
+
+
+def conv(x, w, b):
+    y = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + b
+
+
+def make_cnn(quick, key):
+    from sklearn.datasets import load_digits
+
+    c1, c2, batch = (2, 4, 8) if quick else (16, 32, 128)
+    digits = load_digits()
+    x = (digits.images[:batch] / 16.0).astype(np.float32)[..., None]  # N, 8, 8, 1
+    batch_data = dict(x=jnp.asarray(x), y=jnp.asarray(digits.target[:batch].astype(np.int32)))
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = dict(c1=jax.random.normal(k1, (3, 3, 1, c1)) * math.sqrt(2 / 9), b1=jnp.zeros(c1),
+                  c2=jax.random.normal(k2, (3, 3, c1, c2)) * math.sqrt(2 / (9 * c1)),
+                  b2=jnp.zeros(c2),
+                  w=jax.random.normal(k3, (4 * c2, 10)) * math.sqrt(1 / (4 * c2)),
+                  b=jnp.zeros(10))
+
+    def loss(p, b):
+        h = jax.nn.relu(conv(b["x"], p["c1"], p["b1"]))
+        h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")  # 4×4
+        h = jax.nn.relu(conv(h, p["c2"], p["b2"]))
+        h = lax.reduce_window(h, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4  # 2×2
+        return cross_entropy(h.reshape(h.shape[0], -1) @ p["w"] + p["b"], b["y"])
+
+    return Workload("cnn", f"CNN on 8×8 digits (conv {c1}, max-pool, conv {c2}, avg-pool), "
+                    f"batch {batch}", params, batch_data, loss)
+
+
+def layer_norm(x, g, b, eps=1e-5):
+    mu = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mu), -1, keepdims=True)
+    return (x - mu) * lax.rsqrt(var + eps) * g + b
+
+
+def make_transformer(quick, key):
+    vocab, blocks, batch, length, width, heads = ((32, 1, 2, 8, 16, 2) if quick else
+                                                  (256, 4, 8, 64, 128, 4))
+    keys = iter(jax.random.split(key, 4 + 6 * blocks))
+    normal = lambda shape, fan_in: jax.random.normal(next(keys), shape) / math.sqrt(fan_in)  # noqa: E731
+    params = dict(embed=normal((vocab, width), 1.0) * 0.02,
+                  pos=normal((length, width), 1.0) * 0.02,
+                  ln_g=jnp.ones(width), ln_b=jnp.zeros(width),
+                  blocks=[dict(ln1_g=jnp.ones(width), ln1_b=jnp.zeros(width),
+                               qkv=normal((width, 3 * width), width),
+                               proj=normal((width, width), width),
+                               ln2_g=jnp.ones(width), ln2_b=jnp.zeros(width),
+                               fc1=normal((width, 4 * width), width), fc1_b=jnp.zeros(4 * width),
+                               fc2=normal((4 * width, width), 4 * width), fc2_b=jnp.zeros(width))
+                          for _ in range(blocks)])
+    tokens = jax.random.randint(next(keys), (batch, length + 1), 0, vocab)
+    data = dict(x=tokens[:, :-1], y=tokens[:, 1:])
+    mask = jnp.tril(jnp.ones((length, length), bool))
+
+    def attention(blk, h):
+        q, k, v = jnp.split(h @ blk["qkv"], 3, axis=-1)
+        split = lambda t: t.reshape(batch, length, heads, width // heads)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(width // heads)
+        s = jnp.where(mask, s, -1e9)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+        return o.reshape(batch, length, width) @ blk["proj"]
+
+    def loss(p, b):
+        h = p["embed"][b["x"]] + p["pos"]
+        for blk in p["blocks"]:
+            h = h + attention(blk, layer_norm(h, blk["ln1_g"], blk["ln1_b"]))
+            m = jax.nn.gelu(layer_norm(h, blk["ln2_g"], blk["ln2_b"]) @ blk["fc1"] + blk["fc1_b"])
+            h = h + m @ blk["fc2"] + blk["fc2_b"]
+        logits = layer_norm(h, p["ln_g"], p["ln_b"]) @ p["embed"].T
+        return cross_entropy(logits, b["y"])
+
+    return Workload("transformer", f"transformer LM, {blocks} blocks, batch {batch}, "
+                    f"length {length}, width {width}", params, data, loss)
+
+
+def make_lstm(quick, key, steps=None):
+    t_len, batch, d_in, hidden = (5, 4, 4, 8) if quick else (50, 32, 32, 128)
+    t_len = steps or t_len
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    params = dict(wx=jax.random.normal(k1, (d_in, 4 * hidden)) / math.sqrt(d_in),
+                  wh=jax.random.normal(k2, (hidden, 4 * hidden)) / math.sqrt(hidden),
+                  b=jnp.zeros(4 * hidden),
+                  out=jax.random.normal(k3, (hidden, d_in)) / math.sqrt(hidden))
+    xs = jax.random.normal(k4, (t_len + 1, batch, d_in))
+    data = dict(x=xs[:-1], y=xs[1:])  # predict the next input
+
+    def loss(p, b):
+        def cell(carry, x):
+            h, c = carry
+            i, f, g, o = jnp.split(x @ p["wx"] + h @ p["wh"] + p["b"], 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), h @ p["out"]
+
+        zeros = jnp.zeros((batch, hidden))
+        _, ys = lax.scan(cell, (zeros, zeros), b["x"])
+        return jnp.mean(jnp.square(ys - b["y"]))
+
+    return Workload("lstm", f"LSTM via lax.scan, {t_len} steps, batch {batch}, hidden {hidden}",
+                    params, data, loss)
+
+
+MAKERS = dict(mlp_small=make_mlp_small, mlp_wide=make_mlp_wide, cnn=make_cnn,
+              transformer=make_transformer, lstm=make_lstm, deep_mlp=make_deep_mlp,
+              per_example=make_per_example)
+
+
+# -- the step both engines run -------------------------------------------------------------
+def make_step(w: Workload, grad, opt):
+    """A *fresh* SGD step function (a new closure each call: jit's caches cannot hit)."""
+    grad_fn = w.grad_fn(grad)
+
+    def step(params, opt_state, batch):
+        g = grad_fn(params, batch)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+# -- timing --------------------------------------------------------------------------------
+def abba(run_a, run_b, rounds, budget_s=float("inf")):
+    """Alternate A B B A A B …; ``run_x()`` returns seconds. Ratio per round is b / a.
+
+    Stops early (after at least 4 rounds) once ``budget_s`` seconds have passed."""
+    ta, tb = [], []
+    start = time.perf_counter()
+    for r in range(rounds):
+        if r >= 4 and time.perf_counter() - start > budget_s:
+            break
+        if r % 2 == 0:
+            ta.append(run_a())
+            tb.append(run_b())
+        else:
+            tb.append(run_b())
+            ta.append(run_a())
+    return summarize(ta, tb)
+
+
+def summarize(ta, tb):
+    ratios = sorted(b / a for a, b in zip(ta, tb))
+    q = (lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))])  # noqa: E731
+    return dict(ratio=statistics.median(ratios), q25=q(0.25), q75=q(0.75),
+                jax_s=statistics.median(ta), jaxprop_s=statistics.median(tb), rounds=len(ratios))
+
+
+def repeats_for(seconds_per_call: float, target_ms: float) -> int:
+    return max(1, int(round(target_ms / 1e3 / max(seconds_per_call, 1e-7))))
+
+
+def timed(fn, reps):
+    """Seconds per call of ``fn`` (its result blocked on), over ``reps`` calls."""
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        jax.block_until_ready(fn())
+    return (time.perf_counter() - t0) / reps
+
+
+def rule_error(exc: Exception) -> str:
+    if isinstance(exc, MissingRuleError):
+        m = re.search(r"primitive '([^']+)'", str(exc))
+        return f"missing rule: {m.group(1) if m else '?'}"
+    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def guarded(fn):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001  (one failing metric must not stop the run)
+        return dict(error=rule_error(exc))
+
+
+# -- the four measurements ------------------------------------------------------------------
+def bench_step(w, opt, args, compiled):
+    states = {}
+    for name in ENGINES:
+        states[name] = [w.params, opt.init(w.params)]
+
+    def runner(name, reps):
+        fn = compiled[name]
+        state = states[name]
+
+        def run():
+            t0 = time.perf_counter()
+            p, s = state
+            for _ in range(reps):
+                p, s = fn(p, s, w.batch)
+            jax.block_until_ready(p)
+            state[:] = [p, s]
+            return (time.perf_counter() - t0) / reps
+        return run
+
+    once = min(runner(n, 1)() for n in ENGINES for _ in range(2))  # warm up
+    reps = repeats_for(once, args.target_ms)
+    res = abba(runner("jax", reps), runner("jaxprop", reps), args.rounds, BUDGET_S)
+    return dict(res, reps=reps)
+
+
+def bench_compile(w, opt, args, compiled):
+    """Trace + compile a fresh step per round; leaves the last executables in ``compiled``."""
+    opt_state = opt.init(w.params)
+    split = {"jax": ([], []), "jaxprop": ([], [])}
+
+    def runner(name):
+        def run():
+            step = make_step(w, ENGINES[name], opt)  # fresh function: no cache hit
+            t0 = time.perf_counter()
+            lowered = jax.jit(step).lower(w.params, opt_state, w.batch)
+            t1 = time.perf_counter()
+            compiled[name] = lowered.compile()
+            t2 = time.perf_counter()
+            split[name][0].append(t1 - t0)
+            split[name][1].append(t2 - t1)
+            return t2 - t0
+        return run
+
+    if not args.quick:  # warm up JAX's one-time setup (the quick run times its first compile)
+        runner("jax")(), runner("jaxprop")()
+        for lst in split.values():
+            lst[0].clear(), lst[1].clear()
+    rounds = 1 if args.quick else max(2, args.rounds // 4)
+    res = abba(runner("jax"), runner("jaxprop"), rounds, BUDGET_S)
+    trace = summarize(split["jax"][0], split["jaxprop"][0])
+    res["trace_ratio"], res["trace_jax_s"], res["trace_jaxprop_s"] = (
+        trace["ratio"], trace["jax_s"], trace["jaxprop_s"])
+    return res
+
+
+def bench_eager(w, args, out):
+    """Eager gradient time; also records jaxprop's largest relative error against jax.grad."""
+    fns = {name: (lambda g=w.grad_fn(grad): g(w.params, w.batch)) for name, grad in ENGINES.items()}
+    grads = {name: jax.block_until_ready(f()) for name, f in fns.items()}  # warms op caches
+    out["grad_rel_err"] = max(
+        float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+        for a, b in zip(jax.tree_util.tree_leaves(grads["jaxprop"]),
+                        jax.tree_util.tree_leaves(grads["jax"])))
+    once = min(timed(fns[n], 1) for n in ENGINES)
+    reps = repeats_for(once, args.target_ms)
+    res = abba(lambda: timed(fns["jax"], reps), lambda: timed(fns["jaxprop"], reps),
+               1 if args.quick else max(2, args.rounds // 2), BUDGET_S)
+    return dict(res, reps=reps)
+
+
+def memory_of(compiled_step):
+    m = compiled_step.memory_analysis()
+    return dict(temp=m.temp_size_in_bytes, argument=m.argument_size_in_bytes,
+                output=m.output_size_in_bytes,
+                peak=m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
+def bench_memory(compiled):
+    mem = {name: memory_of(c) for name, c in compiled.items()}
+    return dict(ratio=mem["jaxprop"]["peak"] / mem["jax"]["peak"],
+                temp_ratio=mem["jaxprop"]["temp"] / max(mem["jax"]["temp"], 1),
+                jax_bytes=mem["jax"], jaxprop_bytes=mem["jaxprop"])
+
+
+def bench_workload(w, args):
+    opt = optax.sgd(1e-3)
+    out = dict(title=w.title)
+    if w.flops:
+        out["flops"] = w.flops
+    compiled = {}
+    out["compile"] = guarded(lambda: bench_compile(w, opt, args, compiled))
+    if len(compiled) == len(ENGINES):
+        out["step"] = guarded(lambda: bench_step(w, opt, args, compiled))
+        out["memory"] = guarded(lambda: bench_memory(compiled))
+    else:  # jaxprop could not trace the step: say why in every cell
+        out["step"] = out["memory"] = out["compile"]
+    out["eager"] = guarded(lambda: bench_eager(w, args, out))
+    return out
+
+
+# -- extras: roofline, scan memory scaling, PyTorch, HIPS autograd -------------------------
+def matmul_roofline(args):
+    n = 256 if args.quick else 2048
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
+    jax.block_until_ready(f(a, a))
+    reps = repeats_for(timed(lambda: f(a, a), 1), args.target_ms)
+    t = min(timed(lambda: f(a, a), reps) for _ in range(3 if args.quick else 7))  # best = peak
+    return dict(n=n, seconds=t, gflops=2 * n ** 3 / t / 1e9)
+
+
+def scan_memory_scaling(args, lstm_memory):
+    """Temp bytes of the compiled LSTM step at T and 2T steps: growth per step, both engines."""
+    t1 = 5 if args.quick else 50
+    opt = optax.sgd(1e-3)
+    temps = {name: [lstm_memory[f"{name}_bytes"]["temp"]] for name in ENGINES}
+    w = make_lstm(args.quick, jax.random.PRNGKey(5), steps=2 * t1)
+    st = opt.init(w.params)
+    for name, grad in ENGINES.items():
+        c = jax.jit(make_step(w, grad, opt)).lower(w.params, st, w.batch).compile()
+        temps[name].append(memory_of(c)["temp"])
+    return {name: dict(steps=[t1, 2 * t1], temp_bytes=v, bytes_per_step=(v[1] - v[0]) / t1)
+            for name, v in temps.items()}
+
+
+def torch_mlp(w):
+    import torch
+
+    ps = [(torch.tensor(np.asarray(layer["w"]), requires_grad=True),
+           torch.tensor(np.asarray(layer["b"]), requires_grad=True)) for layer in w.params]
+    x, y = torch.tensor(np.asarray(w.batch["x"])), torch.tensor(np.asarray(w.batch["y"]), dtype=torch.long)
+
+    def grads():
+        h = x
+        for i, (wt, b) in enumerate(ps):
+            h = h @ wt + b
+            if i < len(ps) - 1:
+                h = torch.relu(h)
+        loss = torch.nn.functional.cross_entropy(h, y)
+        return torch.autograd.grad(loss, [t for pair in ps for t in pair])
+
+    return grads
+
+
+def autograd_mlp(w):
+    import autograd
+    import autograd.numpy as anp
+
+    ps = [(np.asarray(layer["w"]), np.asarray(layer["b"])) for layer in w.params]
+    x, y = np.asarray(w.batch["x"]), np.asarray(w.batch["y"])
+
+    def loss(ps):
+        h = x
+        for i, (wt, b) in enumerate(ps):
+            h = anp.dot(h, wt) + b
+            if i < len(ps) - 1:
+                h = anp.maximum(h, 0.0)
+        logp = h - anp.max(h, 1, keepdims=True)
+        logp = logp - anp.log(anp.sum(anp.exp(logp), 1, keepdims=True))
+        return -anp.mean(logp[np.arange(len(y)), y])
+
+    g = autograd.grad(loss)
+    return lambda: g(ps)
+
+
+def bench_other_frameworks(args):
+    """Eager gradient of the small MLP: jaxprop against PyTorch and HIPS autograd."""
+    w = make_mlp_small(args.quick, jax.random.PRNGKey(1))
+    ours = lambda g=w.grad_fn(jaxprop.grad): g(w.params, w.batch)  # noqa: E731
+    results = {}
+    for name, make in (("torch", torch_mlp), ("autograd", autograd_mlp)):
+        try:
+            theirs = make(w)
+        except ImportError:
+            results[name] = dict(error="not installed")
+            continue
+        once = min(min(timed(ours, 1), timed(theirs, 1)) for _ in range(3))
+        reps = repeats_for(once, args.target_ms)
+        res = abba(lambda: timed(theirs, reps), lambda: timed(ours, reps),
+                   max(2, args.rounds // 2))
+        results[name] = dict(ratio=res["ratio"], q25=res["q25"], q75=res["q75"],
+                             other_s=res["jax_s"], jaxprop_s=res["jaxprop_s"],
+                             rounds=res["rounds"], reps=reps)
+    return results
+
+
+# -- report --------------------------------------------------------------------------------
+def fmt_time(s):
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+def fmt_bytes(b):
+    return f"{b / 2 ** 20:.3g} MiB" if b >= 2 ** 20 else f"{b / 2 ** 10:.3g} KiB"
+
+
+def cell(res, metric):
+    if not isinstance(res, dict) or not res:
+        return "—"
+    if "error" in res:
+        return res["error"]
+    if metric == "memory":
+        return f"{res['ratio']:.2f}× ({fmt_bytes(res['jax_bytes']['peak'])})"
+    spread = f" [{res['q25']:.2f}–{res['q75']:.2f}]" if metric != "compile" else ""
+    extra = f", trace {res['trace_ratio']:.2f}×" if metric == "compile" else ""
+    return f"{res['ratio']:.2f}×{spread} ({fmt_time(res['jax_s'])}{extra})"
+
+
+def markdown(report):
+    lines = [
+        f"Ratios jaxprop / jax.grad (median of per-round ratios, A B B A order; < 1 means "
+        f"jaxprop is faster or smaller). In brackets: quartiles of the ratios; in parentheses: "
+        f"jax.grad's own figure. Machine: {report['machine']}; {report['date']}.",
+        "",
+        "| workload | jit SGD step | trace + compile | eager gradient | peak memory | grad rel. err |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, res in report["workloads"].items():
+        err = res.get("grad_rel_err")
+        cells = [res["title"]] + [cell(res.get(m), m) for m in METRICS]
+        cells.append("—" if err is None else f"{err:.1e}")
+        lines.append("| " + " | ".join(cells) + " |")
+    ex = report.get("extras", {})
+    roof = ex.get("roofline")
+    wide = report["workloads"].get("mlp_wide", {})
+    if roof and "step" in wide and "error" not in wide["step"] and wide.get("flops"):
+        lines += ["", f"Matmul roofline: {roof['gflops']:.1f} GFLOP/s (f32 {roof['n']}² matmul, "
+                  f"jit). Wide MLP SGD step ({wide['flops'] / 1e9:.3g} GFLOP forward+backward): "
+                  f"jaxprop {ex['wide_fraction']['jaxprop']:.0%}, jax.grad "
+                  f"{ex['wide_fraction']['jax']:.0%} of the roofline."]
+    elif roof:
+        lines += ["", f"Matmul roofline: {roof['gflops']:.1f} GFLOP/s (f32 {roof['n']}² matmul, jit)."]
+    scan = ex.get("scan_memory")
+    if scan and "error" not in scan:
+        lines += ["", "LSTM step temp memory growth per scan step (T → 2T): " + ", ".join(
+            f"{n} {fmt_bytes(v['bytes_per_step'])}/step ({fmt_bytes(v['temp_bytes'][0])} at "
+            f"T={v['steps'][0]}, {fmt_bytes(v['temp_bytes'][1])} at T={v['steps'][1]})"
+            for n, v in scan.items()) + "."]
+    others = ex.get("frameworks", {})
+    if others:
+        parts = []
+        for name, r in others.items():
+            label = {"torch": "PyTorch", "autograd": "HIPS autograd"}[name]
+            if "error" in r:
+                parts.append(f"{label}: {r['error']}")
+            else:
+                parts.append(f"jaxprop / {label} = {r['ratio']:.2f}× [{r['q25']:.2f}–"
+                             f"{r['q75']:.2f}] ({label} {fmt_time(r['other_s'])}, jaxprop "
+                             f"{fmt_time(r['jaxprop_s'])})")
+        lines += ["", "Eager gradient of the small MLP against other frameworks: "
+                  + "; ".join(parts) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["workloads"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) + 2), 4))
+    width = 0.8 / len(METRICS)
+    labels = dict(step="jit step", compile="trace+compile", eager="eager grad", memory="peak memory")
+    for i, m in enumerate(METRICS):
+        vals = []
+        for n in names:
+            r = report["workloads"][n].get(m, {})
+            vals.append(r["ratio"] if isinstance(r, dict) and "ratio" in r else np.nan)
+        ax.bar(np.arange(len(names)) + (i - (len(METRICS) - 1) / 2) * width, vals, width,
+               label=labels[m])
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(names)), names, rotation=20)
+    ax.set_ylabel("jaxprop / jax.grad (log; < 1 is better)")
+    ax.set_title("jaxprop vs jax.grad")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    report = dict(
+        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        versions=dict(jax=jax.__version__, python=platform.python_version()),
+        settings=dict(quick=args.quick, rounds=args.rounds, target_ms=args.target_ms),
+        workloads={}, extras={})
+    key = jax.random.PRNGKey(0)
+    for i, name in enumerate(args.only):
+        t0 = time.perf_counter()
+        w = MAKERS[name](args.quick, jax.random.fold_in(key, i))
+        report["workloads"][name] = bench_workload(w, args)
+        print(f"[{time.perf_counter() - t0:6.1f}s] {name}: " + ", ".join(
+            f"{m} {cell(report['workloads'][name].get(m), m)}" for m in METRICS), flush=True)
+    if not args.no_extras:
+        ex = report["extras"]
+        ex["roofline"] = guarded(lambda: matmul_roofline(args))
+        wide = report["workloads"].get("mlp_wide", {})
+        if "gflops" in ex["roofline"] and isinstance(wide.get("step"), dict) \
+                and "ratio" in wide["step"]:
+            ex["wide_fraction"] = {
+                n: wide["flops"] / wide["step"][f"{n}_s"] / 1e9 / ex["roofline"]["gflops"]
+                for n in ENGINES}
+        lstm_memory = report["workloads"].get("lstm", {}).get("memory", {})
+        if "temp_ratio" in lstm_memory:
+            ex["scan_memory"] = guarded(lambda: scan_memory_scaling(args, lstm_memory))
+        ex["frameworks"] = bench_other_frameworks(args)
+    report["seconds"] = time.perf_counter() - t_start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark.json").write_text(json.dumps(report, indent=1))
+    (args.out / "benchmark.md").write_text(markdown(report))
+    plot(report, args.out / "benchmark.png")
+    print(markdown(report))
+    print(f"wrote {args.out}/benchmark.{{md,json,png}} in {report['seconds']:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

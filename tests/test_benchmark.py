@@ -1,0 +1,69 @@
+"""experiments/benchmark.py runs and writes its table, JSON and chart (timings are not checked)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"
+METRICS = ("step", "compile", "eager", "memory")
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_outputs(out: Path, workloads: list[str]) -> dict:
+    report = json.loads((out / "benchmark.json").read_text())
+    table = (out / "benchmark.md").read_text()
+    assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| workload | jit SGD step | trace + compile | eager gradient | peak memory |" in table
+    assert list(report["workloads"]) == workloads
+    for name in workloads:
+        res = report["workloads"][name]
+        assert res["title"] in table
+        for metric in METRICS:
+            r = res[metric]
+            if r.get("error", "").startswith("missing rule:"):  # reported, not crashed
+                continue
+            assert "error" not in r, (name, metric, r)
+            assert math.isfinite(r["ratio"]) and r["ratio"] > 0, (name, metric, r)
+        assert res["grad_rel_err"] < 1e-4, (name, res["grad_rel_err"])  # same gradient as JAX
+    return report
+
+
+def test_quick_small_mlp(tmp_path):
+    bench = load_benchmark()
+    bench.main(["--quick", "--only", "mlp_small", "--out", str(tmp_path)])
+    report = check_outputs(tmp_path, ["mlp_small"])
+    assert report["extras"]["roofline"]["gflops"] > 0
+    for name, r in report["extras"]["frameworks"].items():  # optional: skipped when absent
+        assert r.get("error") == "not installed" or r["ratio"] > 0, (name, r)
+
+
+def test_missing_rule_is_reported_not_raised():
+    bench = load_benchmark()
+    from jaxprop import _jax
+
+    no_rule = _jax.identity_primitive("benchmark_no_rule", lambda ct: ct)  # jaxprop has no rule
+    w = bench.make_mlp_small(True, bench.jax.random.PRNGKey(0))
+    loss = w.loss
+    w = bench.Workload("mlp_small", w.title, w.params, w.batch,
+                       lambda p, b: no_rule.bind(loss(p, b)))
+    res = bench.bench_workload(w, bench.parse_args(["--quick"]))
+    assert all(res[m] == {"error": "missing rule: benchmark_no_rule"} for m in METRICS), res
+    table = bench.markdown(dict(machine="m", date="d", workloads={"mlp_small": res}, extras={}))
+    assert "missing rule: benchmark_no_rule" in table
+
+
+@pytest.mark.slow
+def test_quick_all_workloads(tmp_path):
+    bench = load_benchmark()
+    bench.main(["--quick", "--out", str(tmp_path)])
+    report = check_outputs(tmp_path, bench.WORKLOADS)
+    assert set(report["extras"]["scan_memory"]) == {"jax", "jaxprop"}
