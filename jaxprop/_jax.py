@@ -166,3 +166,13 @@ def escaped_tracer_check(value: Any) -> None:
     if isinstance(value, Tracer) and not value._trace.is_valid():
         raise _core.escaped_tracer_error(value)
 
+
+
+# jax.closure_convert hoists closed-over values that "may be perturbed" (being differentiated)
+# into explicit arguments, but recognises only JAX's own JVP tracers; a tracer class with
+# ``perturbed = True`` (jaxprop's) is hoisted too, so custom_vjp closures work as under JAX.
+from jax._src import custom_derivatives as _custom_derivatives  # noqa: E402
+
+_jax_maybe_perturbed = _custom_derivatives._maybe_perturbed
+_custom_derivatives._maybe_perturbed = (
+    lambda x: getattr(type(x), "perturbed", False) is True or _jax_maybe_perturbed(x))

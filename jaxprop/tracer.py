@@ -30,6 +30,7 @@ class JaxpropTracer(_jax.Tracer):
     """A value being differentiated: the parent-level ``value`` and its tape ``slot``."""
 
     __slots__ = ("value", "slot")
+    perturbed = True  # jax.closure_convert hoists it into an argument (see _jax)
 
     def __init__(self, trace: JaxpropTrace, value: Any, slot: int) -> None:
         super().__init__(trace, _jax.aval_of(value))
