@@ -83,6 +83,11 @@ def _depends(jaxpr: Any, flags: Sequence[bool]) -> list[bool]:
 def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
     """scan(consts ‖ carry ‖ xs) -> carry ‖ ys: stack each step's tape, sweep it in reverse."""
     closed, n_c, n_k = params["jaxpr"], params["num_consts"], params["num_carry"]
+    hoisted = _hoist_invariants(trace, closed, tracers[:n_c])
+    if hoisted is not None:  # loop-invariant work runs (and is recorded) once, outside
+        body, invariants = hoisted
+        return scan(trace, primitive, [*invariants, *tracers],
+                    dict(params, jaxpr=body, num_consts=len(invariants) + n_c))
     values, slots = zip(*map(trace.unwrap, tracers))
     diff = _scan_diff(closed.jaxpr, slots, n_c, n_k)
     consts = values[:n_c]
@@ -115,6 +120,34 @@ def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
                 body_out_slots=captured["out_slots"])
     return trace.record(primitive, info, values, slots, [*carry, *ys], _scan_rule,
                         residuals=(stacked, captured["fixed"]))
+
+
+def _hoist_invariants(trace: JaxpropTrace, closed: Any, consts: Sequence[Any]
+                      ) -> tuple[Any, list] | None:
+    """Split off the body's equations that read only consts (``W.T``, casts of parameters):
+    evaluate them once on ``trace`` and return (the rest of the body, taking their results as
+    extra leading consts, those results). None if there is nothing to hoist."""
+    jaxpr = closed.jaxpr
+    invariant = set(jaxpr.constvars) | set(jaxpr.invars[:len(consts)])
+    hoist, rest = [], []
+    for eqn in jaxpr.eqns:
+        if not eqn.effects and all(isinstance(v, _xcore.Literal) or v in invariant
+                                   for v in eqn.invars):
+            hoist.append(eqn)
+            invariant.update(eqn.outvars)
+        else:
+            rest.append(eqn)
+    if not hoist:
+        return None
+    produced = {v for eqn in hoist for v in eqn.outvars}
+    read = [v for eqn in rest for v in eqn.invars] + list(jaxpr.outvars)
+    needed = list(dict.fromkeys(v for v in read
+                                if not isinstance(v, _xcore.Literal) and v in produced))
+    pre = _jax.ClosedJaxpr(jaxpr.replace(invars=jaxpr.invars[:len(consts)], outvars=needed,
+                                         eqns=hoist), closed.consts)
+    body = _jax.ClosedJaxpr(jaxpr.replace(invars=[*needed, *jaxpr.invars], eqns=rest),
+                            closed.consts)
+    return body, eval_on(trace, pre, consts)
 
 
 def _scan_diff(jaxpr: Any, slots: Sequence[Any], n_c: int, n_k: int) -> list[bool]:

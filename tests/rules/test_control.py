@@ -141,6 +141,26 @@ def test_scan_keeps_step_residuals_and_hoists_invariants():
     assert any(np.shape(a) == (3, 3) for a in jax.tree_util.tree_leaves(fixed))
 
 
+def test_scan_hoists_loop_invariant_work():
+    """W.T and 2·W read only consts: computed once outside the loop, never stacked."""
+    T = 5
+
+    def f(W, xs):
+        def body(h, x):
+            h = jnp.tanh(h @ W.T + x) * jnp.sum(2.0 * W)
+            return h, h
+        return lax.scan(body, jnp.ones(3), xs)
+    W, xs = normal(3, 3, scale=0.3), normal(T, 3)
+    check_vjp(f, W, xs, order=2)
+    _, pullback = jaxprop.vjp(f, W, xs)
+    nodes = pullback.args[0].nodes
+    assert [n.name for n in nodes].index("scan") > [n.name for n in nodes].index("transpose")
+    (scan_node,) = [n for n in nodes if n.name == "scan"]
+    assert not any(np.ndim(a) == 3 for a in scan_node.residuals[0])     # no (T, 3, 3)
+    eff = lambda W, xs: lax.scan(lambda c, x: (c + x * jnp.sin(W), jax.debug.print("")), 0.0, xs)
+    check_vjp(eff, jnp.float32(0.5), normal(2))        # effects stay in the loop
+
+
 # -- cond / switch --------------------------------------------------------------------------
 def branchy(x, y):
     return lax.cond(x.sum() > 0, lambda a, b: (jnp.sin(a) * b, 1),
