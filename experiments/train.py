@@ -50,19 +50,23 @@ TASKS = {  # kind, default architecture, epochs, batch size, learning rate, mome
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train a model with jaxprop gradients and optax SGD (whole epoch jit-compiled).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="per-task defaults (override with the flags):\n" + "\n".join(
+            f"  {name:16s} arch {t['arch']:12s} epochs {t['epochs']:3d} (--quick {t['quick']}), "
+            f"batch {t['batch']}, lr {t['lr']}, momentum {t['momentum']}, weight decay {t.get('wd', 0)}"
+            for name, t in TASKS.items()))
     p.add_argument("--task", default="digits", choices=sorted(TASKS),
                    help="dataset and objective: digits/iris/wine (softmax, cross-entropy), "
                         "breast_cancer (1 logistic output, BCE), multilabel (1 logistic per label), "
                         "diabetes (regression, linear output), digits_cnn (small CNN), "
-                        "seq_transformer (sort a token sequence with a small transformer)")
+                        "seq_transformer (sort a token sequence with a small transformer); default digits")
     p.add_argument("--arch", default=None,
                    help="hidden layer sizes of the MLP, e.g. '64,64' ('' = linear model), or 'cnn' "
                         "(digits only) or 'transformer' (seq_transformer only); default per task")
     p.add_argument("--activation", default="relu", choices=["relu", "selu", "tanh"],
-                   help="hidden activation of the MLP")
+                   help="hidden activation (default relu)")
     p.add_argument("--loss", default="mse", choices=["mse", "mae", "huber"],
-                   help="regression loss (diabetes only); huber uses delta=1 on standardized targets")
+                   help="regression loss (diabetes only; default mse); huber uses delta=1 on standardized targets")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training set (default per task)")
     p.add_argument("--steps", type=int, default=None,
                    help="train for at least this many SGD steps (rounded up to whole epochs); overrides --epochs")
@@ -73,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=None,
                    help="L2 weight decay added to the gradient (optax.add_decayed_weights; default per task)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of initialisation and data order (the train/test split is fixed)")
+                   help="seed of initialisation and data order (default 0; the train/test split is fixed)")
     p.add_argument("--out", default=None, help="output folder (default runs/<task>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.npz; the result equals an uninterrupted run")
@@ -81,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true",
                    help="skip the plot and the jax.grad reference run drawn on it")
     p.add_argument("--check-every", type=int, default=5,
-                   help="every K epochs compare jaxprop's gradient with jax.grad's on the current batch (0 = never)")
+                   help="every K epochs compare jaxprop's gradient with jax.grad's on the current batch "
+                        "and print the largest difference (default 5; 0 = never)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     spec = TASKS[args.task]
