@@ -36,8 +36,9 @@ _xla_traceback = _xla_client.Traceback.get_traceback
 _source_info.register_exclusion(os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 __all__ = [
-    "ClosedJaxpr", "Jaxpr", "Primitive", "Source", "SourceInfo", "Symbolic", "SymbolicZero", "Trace", "TraceTag",
-    "Tracer", "Zero", "abstract_eval", "aval_of", "bind_on", "current_source", "escaped_tracer_check",
+    "ClosedJaxpr", "Jaxpr", "Primitive", "Source", "SourceInfo", "Symbolic", "SymbolicZero",
+    "Trace", "TraceTag", "Tracer", "Zero", "abstract_eval", "aval_of", "bind_on",
+    "current_source", "escaped_tracer_check",
     "eval_jaxpr", "float0", "get_current_trace", "identity_primitive", "set_current_trace",
     "source_frame", "source_scope", "source_summary", "take_current_trace",
     "to_concrete_value",

@@ -53,12 +53,12 @@ def record_and_sweep(f: Callable, args: Sequence[Any], argnums: int | Sequence[i
     Differentiates the floating leaves of ``args[argnums]`` (all arguments if None), seeded
     with ``cotangent`` (ones shaped like the output if None). Returns a dict with ``nodes``,
     ``names`` (slot -> readable name), ``out`` (output values), ``out_slots``, ``in_slots``,
-    ``seeds`` and ``grads`` (cotangents of the input slots).
+    ``in_values``, ``seeds`` and ``grads`` (cotangents of the input slots).
     """
     nums = range(len(args)) if argnums is None else (
         (argnums,) if isinstance(argnums, int) else tuple(argnums))
     arg_names = _argument_names(f, len(args))
-    flat, leaves, names_of_leaves = [], [], []
+    flat, names_of_leaves = [], []
     for i, a in enumerate(args):
         for path, leaf in tree_flatten_with_path(a)[0]:
             flat.append((i, leaf))
@@ -94,7 +94,7 @@ def record_and_sweep(f: Callable, args: Sequence[Any], argnums: int | Sequence[i
     _name_intermediates(trace.nodes, names, out_slots)
     return dict(nodes=trace.nodes, names=names, out=jax.tree_util.tree_unflatten(
         out_tree, list(out_values)), out_slots=tuple(out_slots), in_slots=in_slots,
-        seeds=seeds, grads=grads)
+        in_values=values, seeds=seeds, grads=grads)
 
 
 def _argument_names(f: Callable, n: int) -> list[str]:
@@ -244,57 +244,53 @@ class Explanation:
 
     # -- graphs ------------------------------------------------------------------------------
     def to_dot(self, collapse: Any = "default") -> str:
-        """Graphviz DOT source: values (green, above) and gradients (red, below) on edges."""
+        """Graphviz DOT source: values (green, above) and gradients (red, below) on edges.
+
+        Each edge carries the value flowing along it and the gradient flowing back along it
+        (for collapsed groups: summed over the group's uses of the value).
+        """
         collapse = self.collapse if collapse == "default" else collapse
         fmt = lambda x: format_value(x, self.max_full, compact=True)  # noqa: E731
         lines = ["digraph gradient {", "  rankdir=LR;",
                  '  node [fontname="Helvetica", fontsize=11];',
                  '  edge [fontname="Helvetica", fontsize=10];']
-        edge = lambda a, b, v, g: lines.append(  # noqa: E731
-            f"  {a} -> {b} [label=<{_font('#1a7f37', fmt(v))}"
-            + (f"<br/>{_font('#c0392b', fmt(g))}" if g is not None else "") + ">];")
-        producers: dict[int, str] = {}
-        key = None if collapse is None else self.key_of(collapse)
-        if key is None:
+        if collapse is None:
+            box = lambda r: f"n{r['index']}"  # noqa: E731
             for r in self.rows:
-                tooltip = html.escape(_short(r["source"]), quote=True)
-                lines.append(f'  n{r["index"]} [label="{SYMBOLS.get(r["primitive"], r["primitive"])}"'
-                             f', shape=circle, tooltip="{tooltip}"];')
-                for s in r["out_slots"]:
-                    producers[s] = f"n{r['index']}"
+                tip = html.escape(_short(r["source"]), quote=True)
+                label = _dq(SYMBOLS.get(r["primitive"], r["primitive"]))
+                lines.append(f'  {box(r)} [label="{label}", shape=circle, tooltip="{tip}"];')
         else:
-            ids = {}
+            key, ids = self.key_of(collapse), {}
             for r in self.rows:
-                k = key(r)
-                ids.setdefault(k, f"g{len(ids)}")
-                for s in r["out_slots"]:
-                    producers[s] = ids[k]
+                ids.setdefault(key(r), f"g{len(ids)}")
+            box = lambda r: ids[key(r)]  # noqa: E731
             for k, gid in ids.items():
-                label = html.escape(f"{k}", quote=True)
-                lines.append(f'  {gid} [label="{label}", shape=box, style=rounded];')
-        for name in self.grads:
-            lines.append(f'  "in:{_dq(name)}" [label="{_dq(name)}", shape=box];')
-        input_id = {s: f'"in:{_dq(n)}"' for s, n in self._input_slots().items()}
+                lines.append(f'  {gid} [label="{_dq(str(k))}", shape=box, style=rounded];')
+        producer = {s: box(r) for r in self.rows for s in r["out_slots"] if s is not None}
+        for s, name in self._input_slots().items():
+            producer[s] = f'"in:{_dq(name)}"'
+            lines.append(f'  {producer[s]} [label="{_dq(name)}", shape=box];')
+        edges: dict[tuple, list] = {}  # (source box, dest box, slot) -> [value, gradient]
         consts = 0
-        done = set()
         for r in self.rows:
-            me = producers[r["out_slots"][0]] if key is not None else f"n{r['index']}"
-            for n, v, s, d in zip(r["in_names"], r["inputs"], r["in_slots"], r["downstream"]):
-                src = producers.get(s) or input_id.get(s)
-                if s is None:
-                    if key is not None:
-                        continue
+            for v, s, d in zip(r["inputs"], r["in_slots"], r["downstream"]):
+                if s is None and collapse is None:
                     consts += 1
                     lines.append(f'  c{consts} [label="{_dq(fmt(v))}", shape=plaintext];')
-                    lines.append(f"  c{consts} -> {me};")
-                elif src is not None and src != me and (src, me, s) not in done:
-                    done.add((src, me, s))
-                    edge(src, me, v, d if key is None else self._edge_ct(s, me, producers, key))
+                    lines.append(f"  c{consts} -> {box(r)};")
+                elif s is not None and producer.get(s, box(r)) != box(r):
+                    e = edges.setdefault((producer[s], box(r), s), [v, None])
+                    e[1] = _add(e[1], d)
+        names = self._slot_names()
         for s, ct in self.seeds.items():
-            name = self._slot_names().get(s, "out")
-            lines.append(f'  "out:{_dq(name)}" [label="{_dq(name)}", shape=doublecircle];')
-            if s in producers:
-                edge(producers[s], f'"out:{_dq(name)}"', self._value_of(s), ct)
+            out = f'"out:{_dq(names.get(s, "out"))}"'
+            lines.append(f'  {out} [label="{_dq(names.get(s, "out"))}", shape=doublecircle];')
+            if s in producer:
+                edges[(producer[s], out, s)] = [self._value_of(s), ct]
+        for (a, b, _), (v, g) in edges.items():
+            grad = f"<br/>{_font('#c0392b', fmt(g))}" if g is not None else ""
+            lines.append(f"  {a} -> {b} [label=<{_font('#1a7f37', fmt(v))}{grad}>];")
         lines.append("}")
         return "\n".join(lines)
 
@@ -338,16 +334,6 @@ class Explanation:
                 if s == slot:
                     return v
         return None
-
-    def _edge_ct(self, slot: int, dest: str, producers: dict, key: Callable) -> Any:
-        total = None
-        for r in self.rows:
-            if producers[r["out_slots"][0]] != dest:
-                continue
-            for s, d in zip(r["in_slots"], r["downstream"]):
-                if s == slot:
-                    total = _add(total, d)
-        return total
 
 
 class _Static:
@@ -396,18 +382,10 @@ def explain(f: Callable, *args: Any, argnums: int | Sequence[int] | None = None,
             inputs=tuple(map(_as_array, node.inputs)), outputs=tuple(node.outputs),
             upstream=cts_out, downstream=_wanted(cts_in, node.in_slots),
             local=_local_gradient(node)))
-    grads = {names[s]: (g if g is not None else jnp.zeros_like(_as_array(v)))
-             for s, g, v in zip(rec["in_slots"], rec["grads"], _input_values(rec))}
+    grads = {names[s]: (g if g is not None else jnp.zeros_like(v))
+             for s, g, v in zip(rec["in_slots"], rec["grads"], rec["in_values"])}
     seeds = {s: c for s, c in zip(rec["out_slots"], rec["seeds"]) if s is not None}
     return Explanation(rows, grads, seeds, collapse, max_full)
-
-
-def _input_values(rec: dict) -> list:
-    values = {}
-    for node in rec["nodes"]:
-        for s, v in zip(node.in_slots, node.inputs):
-            values.setdefault(s, v)
-    return [values.get(s, jnp.zeros(())) for s in rec["in_slots"]]
 
 
 def _wanted(cts_in: Sequence, in_slots: Sequence) -> tuple:

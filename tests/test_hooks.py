@@ -93,12 +93,14 @@ def test_gradient_reversal():
 
 
 def test_clip_gradient():
-    f = lambda x: jnp.sum(jaxprop.clip_gradient(x, -1.0, 0.5) * jnp.array([-3., 0.2, 0.4, 9.]))  # noqa: E731
+    w = jnp.array([-3.0, 0.2, 0.4, 9.0])
+    f = lambda x: jnp.sum(jaxprop.clip_gradient(x, -1.0, 0.5) * w)  # noqa: E731
     np.testing.assert_allclose(jaxprop.grad(f)(X), [-1.0, 0.2, 0.4, 0.5])
 
 
 def test_clip_gradient_norm():
-    f = lambda x: jnp.sum(jaxprop.clip_gradient_norm(x, 1.0) * jnp.array([3., 0., 4., 0.]))  # noqa: E731
+    w = jnp.array([3.0, 0.0, 4.0, 0.0])
+    f = lambda x: jnp.sum(jaxprop.clip_gradient_norm(x, 1.0) * w)  # noqa: E731
     np.testing.assert_allclose(jaxprop.grad(f)(X), [0.6, 0.0, 0.8, 0.0], rtol=1e-6)
     small = lambda x: jnp.sum(jaxprop.clip_gradient_norm(x, 10.0) * 0.1)  # noqa: E731
     np.testing.assert_allclose(jaxprop.grad(small)(X), 0.1, rtol=1e-6)
