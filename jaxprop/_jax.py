@@ -128,7 +128,9 @@ def source_summary(source: Any) -> str:
         frame = _user_frame(source)
     except Exception:  # pragma: no cover - a traceback JAX cannot summarise
         return ""
-    return "" if frame is None else f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+    if frame is None:
+        return ""
+    return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
 
 
 def source_frame(source: Any) -> tuple[str, int, str] | None:
