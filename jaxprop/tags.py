@@ -79,7 +79,8 @@ def tag(x: Any, name: str) -> Any:
     ``tags[name]``. ``x`` may be a pytree; its floating leaves are tagged.
 
     A value that does not depend on the differentiated inputs (an input batch, a constant)
-    can be tagged too: its gradient is still returned (saliency maps).
+    can be tagged too: its gradient is still returned (saliency maps) — except inside a
+    function you wrapped in ``jax.jit``, where such a tag is traced before jaxprop sees it.
 
     >>> f = lambda w, x: jnp.sum(jaxprop.tag(x * w, "h") ** 2)
     >>> jaxprop.grad_and_tags(f)(2.0, 3.0)   # (36.0, {'h': 12.0})
