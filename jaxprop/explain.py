@@ -63,7 +63,7 @@ def record_and_sweep(f: Callable, args: Sequence[Any], argnums: int | Sequence[i
         for path, leaf in tree_flatten_with_path(a)[0]:
             flat.append((i, leaf))
             names_of_leaves.append(arg_names[i] + keystr(path))
-    diff = [i in nums and is_differentiable(_jax.aval_of(x)) for i, x in flat]
+    diff = [i in nums and _differentiable_leaf(x) for i, x in flat]
     values = [jnp.asarray(x) for (_, x), d in zip(flat, diff) if d]
     treedefs = [jax.tree_util.tree_structure(a) for a in args]
 
@@ -95,6 +95,14 @@ def record_and_sweep(f: Callable, args: Sequence[Any], argnums: int | Sequence[i
     return dict(nodes=trace.nodes, names=names, out=jax.tree_util.tree_unflatten(
         out_tree, list(out_values)), out_slots=tuple(out_slots), in_slots=in_slots,
         in_values=values, seeds=seeds, grads=grads)
+
+
+def _differentiable_leaf(x: Any) -> bool:
+    """A floating array (or scalar); other leaves (functions in Equinox modules…) pass as is."""
+    try:
+        return is_differentiable(_jax.aval_of(x))
+    except TypeError:
+        return False
 
 
 def _argument_names(f: Callable, n: int) -> list[str]:
