@@ -98,15 +98,18 @@ def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
         step_trace = _jax.get_current_trace()
         outs, tape = _traced_vjp(closed, [*consts, *carry, *xs], diff)
         leaves, treedef = tree_flatten(tape)
+        own_xs = {id(x): j for j, x in enumerate(xs)}
         stacked, where, fixed, seen = [], [], [], {}
         for leaf in leaves:
-            if isinstance(leaf, _jax.Tracer) and leaf._trace is step_trace:
+            if id(leaf) in own_xs:  # a slice of xs: read it from xs in the backward
+                where.append(("xs", own_xs[id(leaf)]))
+            elif isinstance(leaf, _jax.Tracer) and leaf._trace is step_trace:
                 if id(leaf) not in seen:  # one copy of a value several nodes read
                     seen[id(leaf)] = len(stacked)
                     stacked.append(leaf)
-                where.append((True, seen[id(leaf)]))
+                where.append(("step", seen[id(leaf)]))
             else:  # a constant or a value from outside the loop: not per step
-                where.append((False, len(fixed)))
+                where.append(("fixed", len(fixed)))
                 fixed.append(leaf)
         captured.update(treedef=treedef, where=tuple(where), fixed=fixed,
                         out_slots=tape.out_slots)
@@ -178,8 +181,9 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
 
     def step(carry: tuple, x: tuple) -> tuple:
         ct_carry, acc = carry
-        leaves_t, ct_ys = x
-        leaves = [leaves_t[k] if per_step else fixed[k] for per_step, k in p["where"]]
+        leaves_t, xs_t, ct_ys = x
+        source = {"step": leaves_t, "xs": xs_t, "fixed": fixed}
+        leaves = [source[kind][k] for kind, k in p["where"]]
         tape = tree_unflatten(p["treedef"], leaves)
         out_cts: list = [None] * len(cts)
         for i, ct in zip(carry_d, ct_carry):
@@ -195,7 +199,8 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     init = ([_ct_for(cts[i - n_c], values[i]) for i in carry_d],
             [_ct_for(None, values[i]) for i in const_d])
     (ct_init, ct_consts), ct_xs = lax.scan(
-        step, init, (list(stacked), [cts[n_k + j] for j in ys_ct]), length=p["length"],
+        step, init, (list(stacked), list(values[n_c + n_k:]), [cts[n_k + j] for j in ys_ct]),
+        length=p["length"],
         reverse=not p["reverse"], unroll=p["unroll"])
     out: list[Cotangent] = [None] * len(values)
     for i, ct in zip(const_d, ct_consts):
