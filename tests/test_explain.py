@@ -183,3 +183,14 @@ def test_render_without_dot_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="Graphviz"):
         jaxprop.explain(circuit, 1.0, 2.0, 3.0).render(tmp_path / "x.svg")
+
+
+def test_equinox_module_with_function_leaves():
+    eqx = pytest.importorskip("equinox")
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))      # holds activation functions
+    loss = lambda m, x: jnp.sum(jax.vmap(m)(x) ** 2)           # noqa: E731
+    e = jaxprop.explain(loss, model, X)
+    g = eqx.filter_grad(loss)(model, X)
+    np.testing.assert_allclose(e.grads["model.layers[0].weight"], g.layers[0].weight,
+                               rtol=1e-5, atol=1e-7)
+    assert sum(r["primitive"] == "dot_general" for r in e.rows) == 2
