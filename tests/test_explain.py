@@ -191,6 +191,6 @@ def test_equinox_module_with_function_leaves():
     loss = lambda m, x: jnp.sum(jax.vmap(m)(x) ** 2)           # noqa: E731
     e = jaxprop.explain(loss, model, X)
     g = eqx.filter_grad(loss)(model, X)
-    np.testing.assert_allclose(e.grads["model.layers[0].weight"], g.layers[0].weight,
+    np.testing.assert_allclose(e.grads["m.layers[0].weight"], g.layers[0].weight,
                                rtol=1e-5, atol=1e-7)
     assert sum(r["primitive"] == "dot_general" for r in e.rows) == 2
