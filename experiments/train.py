@@ -43,7 +43,7 @@ TASKS = {  # kind, default architecture, epochs, batch size, learning rate, mome
     "multilabel":      dict(kind="multilabel", arch="64", epochs=12, batch=32, lr=0.05, momentum=0.9, quick=5),
     "diabetes":        dict(kind="regression", arch="8", epochs=30, batch=32, lr=0.01, momentum=0.9, quick=10),
     "digits_cnn":      dict(kind="multiclass", arch="cnn", epochs=15, batch=32, lr=0.01, momentum=0.9, quick=2, wd=1e-3),
-    "seq_transformer": dict(kind="sequence", arch="transformer", epochs=10, batch=64, lr=0.1, momentum=0.9, quick=1),
+    "seq_transformer": dict(kind="sequence", arch="transformer", epochs=15, batch=64, lr=0.05, momentum=0.9, quick=1),
 }
 
 

@@ -165,3 +165,30 @@ def test_main_job_reaches_97_percent(tmp_path):
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["test_metric"] >= 0.97
     assert "test accuracy" in out.stdout and "wall time" in out.stdout
+
+
+README = EXPERIMENTS.parent / "README.md"
+
+
+def test_readme_api_tour_runs():
+    """The README's Python blocks (API tour) execute as written."""
+    import re
+    text = README.read_text()
+    tour = text[text.index("## API tour"):text.index("## Results")]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", tour, re.S))
+    assert "jaxprop.defvjp" in code and "check_vjp" in code
+    exec(compile(code, "README.md", "exec"), {})
+
+
+def test_readme_quickstart_is_two_commands_and_ci_runs_the_same_tests():
+    text = README.read_text()
+    section = text[text.index("## Quickstart"):]
+    block = section[section.index("```bash\n") + 8:]
+    commands = block[:block.index("```")].strip().splitlines()
+    assert len(commands) == 2
+    assert commands[0].endswith(".venv/bin/python experiments/train.py")
+    test_command = commands[1].split("&& ")[-1]
+    assert test_command == '.venv/bin/python -m pytest -q -m "not slow"'
+    ci = (EXPERIMENTS.parent / ".ci" / "run").read_text()
+    assert f"TEST_COMMAND='{test_command}'" in ci
+    assert 'python" -m pytest -q -m "not slow" ||' in ci and "HYPOTHESIS_PROFILE=ci" in ci
