@@ -212,7 +212,8 @@ class Explanation:
 
     # -- grouping ----------------------------------------------------------------------------
     def key_of(self, collapse: Any) -> Callable[[dict], str]:
-        """The grouping function for ``collapse`` ('line', 'scope'/'module', int depth, fn)."""
+        """The grouping function for ``collapse``: "line", "scope"/"module", ("scope", depth),
+        or a function of a row."""
         if callable(collapse):
             return collapse
         if collapse == "line":
