@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -37,6 +38,22 @@ def vjp_by_tracing(fn: Callable[..., Any], primals: Sequence[Any],
     outs = out if isinstance(out, (list, tuple)) else [out]
     return backward(trace.nodes, [trace.unwrap(o)[1] for o in outs], cts,
                     [t.slot for t in tracers])
+
+
+def compiled_when_eager(fn: Callable[..., Any], static_argnames: Sequence[str]):
+    """``fn`` jitted, except when differentiated again (an input is a jaxprop tracer).
+
+    For rules made of many small operations: eagerly each would be dispatched (and compiled)
+    alone, jitted they are one program per shape. Under a higher-order jaxprop trace a jit
+    call is inlined op by op anyway, so there ``fn`` runs directly.
+    """
+    from jaxprop.tracer import JaxpropTracer
+    jitted = jax.jit(fn, static_argnames=tuple(static_argnames))
+
+    def call(*args, **params):
+        traced = any(isinstance(a, JaxpropTracer) for a in args)
+        return (fn if traced else jitted)(*args, **params)
+    return call
 
 
 # -- total reductions ------------------------------------------------------------------------
@@ -79,10 +96,12 @@ defvjp("cumsum",                                         # yᵢ = Σ_{j≤i} x�
 
 def _by_prefix_scan(combine: Callable[[Any, Any], Any]):
     """cum-op(x) = associative_scan(combine, x): VJP of that scan's tape (as JAX's JVP)."""
-    def rule(ct, out, x, axis, reverse):
+    def scan_vjp(ct, x, axis, reverse):
         scan = lambda v: lax.associative_scan(combine, v, reverse=reverse, axis=axis)
         return vjp_by_tracing(scan, [x], [ct])[0]
-    return rule
+
+    scan_vjp = compiled_when_eager(scan_vjp, ("axis", "reverse"))
+    return lambda ct, out, x, axis, reverse: scan_vjp(ct, x, axis=axis, reverse=reverse)
 
 
 defvjp("cumprod", _by_prefix_scan(lax.mul))

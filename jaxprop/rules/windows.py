@@ -22,7 +22,7 @@ from jax import lax
 
 from jaxprop import _jax
 from jaxprop.registry import defvjp, noderule
-from jaxprop.rules.reductions import vjp_by_tracing
+from jaxprop.rules.reductions import compiled_when_eager, vjp_by_tracing
 from jaxprop.rules.structural import unpad, zero_scalar
 
 
@@ -72,6 +72,10 @@ def _reduce_window_sum(ct, out, x, *, window_dimensions, window_strides, padding
 defvjp("reduce_window_sum", _reduce_window_sum)
 
 
+GEOMETRY = ("window_dimensions", "window_strides", "padding", "base_dilation",
+            "window_dilation")
+
+
 def _chooser(identity):
     def rule(ct, out, x, *, window_dimensions, window_strides, padding, base_dilation,
              window_dilation):
@@ -91,7 +95,8 @@ def _chooser(identity):
                                         window_strides)
             ct_xp = placed if ct_xp is None else ct_xp + placed
         return unpad(ct_xp, config)
-    return rule
+    rule_compiled = compiled_when_eager(rule, GEOMETRY)
+    return lambda ct, out, x, **params: rule_compiled(ct, out, x, **params)
 
 
 defvjp("reduce_window_max", _chooser(lambda t: np.array(-np.inf, t)))
