@@ -5,8 +5,8 @@
   step's tape and sweeps it: carries the carry-cotangent, accumulates the consts' cotangents
   and emits the xs' cotangents as its ys. Memory: O(T × one step's residuals).
 - ``cond`` / ``switch``: eagerly (concrete index) the taken branch is recorded inline; traced,
-  one node whose backward is a ``lax.switch`` over the branches' VJPs (each recomputes its
-  branch under jaxprop and sweeps it).
+  a ``lax.switch`` whose branches record their tapes and return their residuals (zeros for
+  the branches not taken); the backward is a ``lax.switch`` over the branches' sweeps.
 - ``while``: reverse mode needs the trip count, so the loop runs step by step while its
   predicate is concrete (eagerly); under ``jax.jit`` a clear error suggests ``lax.scan``.
 - ``remat2`` (``jax.checkpoint``): one node that saves only its inputs; its backward recomputes
@@ -23,8 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.extend.core as _xcore
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.tree_util import tree_flatten, tree_unflatten
 
@@ -54,6 +56,44 @@ def _traced_vjp(closed: Any, values: Sequence[Any], diff: Sequence[bool]
         [v for v, d in zip(values, diff) if d])
     out_values, out_slots = zip(*map(trace.unwrap, outs)) if outs else ((), ())
     return list(out_values), Tape(trace.nodes, [t.slot for t in tracers], out_slots)
+
+
+class _Layout:
+    """Where each array of a sub-program's tape comes from when its sweep runs later: the
+    sub-program's own inputs ("in"), values it computed (its residuals, "res": stacked per
+    step by a scan), or constants from outside ("fixed"). Static, so it lives in params."""
+
+    def __init__(self, treedef: Any, where: tuple, out_slots: tuple) -> None:
+        self.treedef, self.where, self.out_slots = treedef, where, out_slots
+
+    @classmethod
+    def of(cls, tape: Tape, inner_trace: Any, inputs: Sequence[Any]
+           ) -> tuple[_Layout, list, list]:
+        """Split ``tape``'s arrays: (layout, residuals, fixed). Arrays of ``inner_trace`` (the
+        sub-program's trace) are residuals, one copy each; ``inputs`` are referenced."""
+        leaves, treedef = tree_flatten(tape)
+        own = {id(x): j for j, x in enumerate(inputs)}
+        residuals: list = []
+        fixed: list = []
+        where, seen = [], {}
+        for leaf in leaves:
+            if id(leaf) in own:
+                where.append(("in", own[id(leaf)]))
+            elif isinstance(leaf, _jax.Tracer) and leaf._trace is inner_trace:
+                if id(leaf) not in seen:
+                    seen[id(leaf)] = len(residuals)
+                    residuals.append(leaf)
+                where.append(("res", seen[id(leaf)]))
+            else:
+                where.append(("fixed", len(fixed)))
+                fixed.append(leaf)
+        return cls(treedef, tuple(where), tape.out_slots), residuals, fixed
+
+    def rebuild(self, inputs: Sequence[Any], residuals: Sequence[Any], fixed: Sequence[Any]
+                ) -> Tape:
+        """The tape again, from the arrays available where its sweep runs."""
+        source = {"in": inputs, "res": residuals, "fixed": fixed}
+        return tree_unflatten(self.treedef, [source[kind][k] for kind, k in self.where])
 
 
 def _ct_for(ct: Cotangent, like: Any, step: bool = False) -> Any:
@@ -94,33 +134,18 @@ def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
     captured: dict = {}
 
     def step(carry: list, xs: list) -> tuple:
-        """One step on its own tape; per-step tape arrays are stacked, loop-invariant kept."""
+        """One step on its own tape; per-step arrays are stacked, the rest kept once."""
         step_trace = _jax.get_current_trace()
         outs, tape = _traced_vjp(closed, [*consts, *carry, *xs], diff)
-        leaves, treedef = tree_flatten(tape)
-        own_xs = {id(x): j for j, x in enumerate(xs)}
-        stacked, where, fixed, seen = [], [], [], {}
-        for leaf in leaves:
-            if id(leaf) in own_xs:  # a slice of xs: read it from xs in the backward
-                where.append(("xs", own_xs[id(leaf)]))
-            elif isinstance(leaf, _jax.Tracer) and leaf._trace is step_trace:
-                if id(leaf) not in seen:  # one copy of a value several nodes read
-                    seen[id(leaf)] = len(stacked)
-                    stacked.append(leaf)
-                where.append(("step", seen[id(leaf)]))
-            else:  # a constant or a value from outside the loop: not per step
-                where.append(("fixed", len(fixed)))
-                fixed.append(leaf)
-        captured.update(treedef=treedef, where=tuple(where), fixed=fixed,
-                        out_slots=tape.out_slots)
-        return outs[:n_k], (outs[n_k:], stacked)
+        layout, residuals, fixed = _Layout.of(tape, step_trace, xs)  # xs: read, not stacked
+        captured.update(layout=layout, fixed=fixed)
+        return outs[:n_k], (outs[n_k:], residuals)
 
     with _jax.set_current_trace(trace.parent):
         carry, (ys, stacked) = lax.scan(step, list(values[n_c:n_c + n_k]),
                                         list(values[n_c + n_k:]), length=params["length"],
                                         reverse=params["reverse"], unroll=params["unroll"])
-    info = dict(params, diff=tuple(diff), treedef=captured["treedef"], where=captured["where"],
-                body_out_slots=captured["out_slots"])
+    info = dict(params, diff=tuple(diff), layout=captured["layout"])
     return trace.record(primitive, info, values, slots, [*carry, *ys], _scan_rule,
                         residuals=(stacked, captured["fixed"]))
 
@@ -175,16 +200,15 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     carry_d = [i for i in range(n_c, n_c + n_k) if diff[i]]
     const_d = [i for i in range(n_c) if diff[i] and node.in_slots[i] is not None]
     xs_d = [i for i in range(n_c + n_k, len(values)) if diff[i] and node.in_slots[i] is not None]
+    layout: _Layout = p["layout"]
     ys_ct = [j for j in range(len(cts) - n_k) if cts[n_k + j] is not None
-             and p["body_out_slots"][n_k + j] is not None]
+             and layout.out_slots[n_k + j] is not None]
     position = {i: k for k, i in enumerate(i for i in range(len(values)) if diff[i])}
 
     def step(carry: tuple, x: tuple) -> tuple:
         ct_carry, acc = carry
-        leaves_t, xs_t, ct_ys = x
-        source = {"step": leaves_t, "xs": xs_t, "fixed": fixed}
-        leaves = [source[kind][k] for kind, k in p["where"]]
-        tape = tree_unflatten(p["treedef"], leaves)
+        residuals_t, xs_t, ct_ys = x
+        tape = layout.rebuild(xs_t, residuals_t, fixed)
         out_cts: list = [None] * len(cts)
         for i, ct in zip(carry_d, ct_carry):
             out_cts[i - n_c] = ct
@@ -223,29 +247,56 @@ def cond(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
     if index is not None:
         taken = branches[min(max(int(index), 0), len(branches) - 1)]
         return eval_on(trace, taken, tracers[1:])
-    outs = _jax.bind_on(trace.parent, primitive, values, params)
-    return trace.record(primitive, params, values, slots, outs, _cond_rule)
+    ops, diff = list(values[1:]), tuple(s is not None for s in slots[1:])
+
+    def run(closed: Any, ops: Sequence[Any]) -> tuple:
+        """The branch on its own tape: (outputs, layout, residuals, fixed)."""
+        inner = _jax.get_current_trace()
+        outs, tape = _traced_vjp(closed, ops, diff)
+        return (outs, *_Layout.of(tape, inner, ops))
+
+    # Every branch returns every branch's residuals (zeros for the others'), as switch needs
+    # one output type: first their shapes, then the switch itself.
+    shapes = [jax.eval_shape(lambda *ops, b=b: run(b, ops)[2], *ops) for b in branches]
+    starts = np.cumsum([0] + [len(r) for r in shapes]).tolist()
+    layouts, fixed = [None] * len(branches), [None] * len(branches)
+
+    def branch(i: int) -> Callable:
+        def taken(ops: list) -> tuple:
+            outs, layouts[i], residuals, fixed[i] = run(branches[i], ops)
+            zeros = [[jnp.zeros(a.shape, a.dtype) for a in rs] for rs in shapes]
+            return outs, [a for rs in zeros[:i] for a in rs] + residuals + \
+                [a for rs in zeros[i + 1:] for a in rs]
+        return taken
+
+    with _jax.set_current_trace(trace.parent):
+        outs, residuals = lax.switch(values[0], [branch(i) for i in range(len(branches))], ops)
+    info = dict(params, diff=diff, layouts=tuple(layouts), starts=tuple(starts))
+    return trace.record(primitive, info, values, slots, outs, _cond_rule,
+                        residuals=(residuals, fixed))
 
 
 def _cond_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
-    """ct_ops = switch(index, [vjp(branch_i)(ops, ct) for each branch])."""
-    index, ops = node.inputs[0], list(node.inputs[1:])
-    diff = [s is not None for s in node.in_slots[1:]]
+    """ct_ops = switch(index, [sweep of branch i's saved tape, for each i])(ct)."""
+    p, (index, *ops) = node.params, node.inputs
+    residuals, fixed = node.residuals
     present = [j for j, ct in enumerate(cts) if ct is not None]
 
-    def branch_vjp(closed: Any) -> Callable:
-        def vjp(ops: list, cts_present: list) -> list:
+    def branch_vjp(i: int) -> Callable:
+        def vjp(ops: list, residuals: list, cts_present: list) -> list:
+            tape = p["layouts"][i].rebuild(ops, residuals[p["starts"][i]:p["starts"][i + 1]],
+                                           fixed[i])
             out_cts: list = [None] * len(cts)
             for j, ct in zip(present, cts_present):
                 out_cts[j] = ct
-            _, tape = _traced_vjp(closed, ops, diff)
             in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
-            return [_ct_for(ct, v) for ct, v in zip(in_cts, (o for o, d in zip(ops, diff) if d))]
+            return [_ct_for(ct, v) for ct, v in zip(in_cts, (o for o, d in zip(ops, p["diff"])
+                                                              if d))]
         return vjp
 
-    in_cts = iter(lax.switch(index, [branch_vjp(b) for b in node.params["branches"]], ops,
-                             [cts[j] for j in present]))
-    return [None] + [next(in_cts) if d else None for d in diff]
+    in_cts = iter(lax.switch(index, [branch_vjp(i) for i in range(len(p["layouts"]))], ops,
+                             list(residuals), [cts[j] for j in present]))
+    return [None] + [next(in_cts) if d else None for d in p["diff"]]
 
 
 # -- while ----------------------------------------------------------------------------------
