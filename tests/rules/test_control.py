@@ -197,6 +197,15 @@ def test_switch_batched_index():
                       jax.vmap(jax.grad(f, argnums=1))(idx, x))
 
 
+def test_traced_cond_saves_residuals_instead_of_recomputing():
+    """exp's rule reads its output: saved by the forward switch, exp is not evaluated again."""
+    f = lambda x: jnp.sum(lax.cond(x.sum() > 0, jnp.exp, lambda v: v * 2.0, x))
+    x = normal(3)
+    jaxpr = str(jax.make_jaxpr(jaxprop.grad(f))(x))
+    assert jaxpr.count("exp ") == 1 and jaxpr.count("cond[") == 2
+    assert_tree_close(jax.jit(jaxprop.grad(f))(x), jax.grad(f)(x))
+
+
 def test_cond_inside_scan():
     def f(w, xs):
         def body(c, x):
