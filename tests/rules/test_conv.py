@@ -123,3 +123,16 @@ def test_conv_random_1d(stride, lhs_dil, rhs_dil, k, lo, hi, groups, length):
     f = conv(window_strides=(stride,), padding=((lo, hi),), lhs_dilation=(lhs_dil,),
              rhs_dilation=(rhs_dil,), feature_group_count=fg, batch_group_count=bg)
     check_vjp(f, lhs, rhs, order=2, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_per_example_grads_vmap():
+    """vmap of jaxprop.grad over examples (the rules batch like any lax code)."""
+    xs, w = rand((3, 1, 2, 5, 5)), rand((4, 2, 3, 3), seed=1)
+
+    def loss(w, x):
+        y = lax.conv_general_dilated(x, w, (1, 2), ((1, 1), (0, 1)), rhs_dilation=(1, 2))
+        return jnp.sum(jnp.tanh(y))
+
+    ours = jax.vmap(jaxprop.grad(loss), in_axes=(None, 0))(w, xs)
+    np.testing.assert_allclose(ours, jax.vmap(jax.grad(loss), in_axes=(None, 0))(w, xs),
+                               rtol=1e-4, atol=1e-5)
