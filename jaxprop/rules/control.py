@@ -132,22 +132,51 @@ def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
     diff = _scan_diff(closed.jaxpr, slots, n_c, n_k)
     consts = values[:n_c]
     captured: dict = {}
+    eager = not any(isinstance(v, _jax.Tracer) for v in values)
 
     def step(carry: list, xs: list) -> tuple:
         """One step on its own tape; per-step arrays are stacked, the rest kept once."""
         step_trace = _jax.get_current_trace()
         outs, tape = _traced_vjp(closed, [*consts, *carry, *xs], diff)
         layout, residuals, fixed = _Layout.of(tape, step_trace, xs)  # xs: read, not stacked
-        captured.update(layout=layout, fixed=fixed)
-        return outs[:n_k], (outs[n_k:], residuals)
+        # Eagerly nothing removes arrays the backward never reads (under jit, JAX's DCE does):
+        # find them from the jaxpr of one backward step and do not stack them.
+        live = (_live_residuals(layout, residuals, xs, fixed, outs) if eager
+                else [True] * len(residuals))
+        captured.update(layout=layout, fixed=fixed, dead=tuple(
+            None if keep else _jax.aval_of(r) for r, keep in zip(residuals, live)))
+        return outs[:n_k], (outs[n_k:], [r for r, keep in zip(residuals, live) if keep])
 
     with _jax.set_current_trace(trace.parent):
         carry, (ys, stacked) = lax.scan(step, list(values[n_c:n_c + n_k]),
                                         list(values[n_c + n_k:]), length=params["length"],
                                         reverse=params["reverse"], unroll=params["unroll"])
-    info = dict(params, diff=tuple(diff), layout=captured["layout"])
+    info = dict(params, diff=tuple(diff), layout=captured["layout"], dead=captured["dead"])
     return trace.record(primitive, info, values, slots, [*carry, *ys], _scan_rule,
                         residuals=(stacked, captured["fixed"]))
+
+
+def _live_residuals(layout: _Layout, residuals: list, xs: list, fixed: list, outs: list
+                    ) -> list[bool]:
+    """Which of one step's residuals the step's backward sweep reads (all cotangents given)."""
+    def sweep(residuals: list, xs: list, cts: list) -> list:
+        tape = layout.rebuild(xs, residuals, fixed)
+        return [ct for ct in backward(tape.nodes, tape.out_slots, cts, tape.in_slots)
+                if ct is not None]
+
+    spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), _jax.aval_of(x).dtype)
+    cts = [spec(o) if s is not None else None for o, s in zip(outs, layout.out_slots)]
+    jaxpr = jax.make_jaxpr(sweep)(list(map(spec, residuals)), list(map(spec, xs)), cts).jaxpr
+    return _used_inputs(jaxpr)[:len(residuals)]
+
+
+def _used_inputs(jaxpr: Any) -> list[bool]:
+    """Which inputs of ``jaxpr`` reach an output or an effect (reverse liveness)."""
+    live = {v for v in jaxpr.outvars if not isinstance(v, _xcore.Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, _xcore.Literal))
+    return [v in live for v in jaxpr.invars]
 
 
 def _hoist_invariants(trace: JaxpropTrace, closed: Any, consts: Sequence[Any]
@@ -207,7 +236,10 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
 
     def step(carry: tuple, x: tuple) -> tuple:
         ct_carry, acc = carry
-        residuals_t, xs_t, ct_ys = x
+        live_t, xs_t, ct_ys = x
+        live = iter(live_t)  # arrays no rule reads were not stored: zeros stand in for them
+        residuals_t = [next(live) if aval is None else jnp.zeros(aval.shape, aval.dtype)
+                       for aval in p["dead"]]
         tape = layout.rebuild(xs_t, residuals_t, fixed)
         out_cts: list = [None] * len(cts)
         for i, ct in zip(carry_d, ct_carry):

@@ -137,6 +137,7 @@ def test_scan_keeps_step_residuals_and_hoists_invariants():
     (node,) = [n for n in pullback.args[0].nodes if n.name == "scan"]
     stacked, fixed = node.residuals
     assert stacked and all(a.shape[0] == T for a in stacked)
+    assert len(stacked) <= 3          # h before and after the step, k: not W·h, W·h + x, ys
     assert not any(a.shape == (T, 3, 3) for a in stacked)          # W is not stacked
     assert any(np.shape(a) == (3, 3) for a in jax.tree_util.tree_leaves(fixed))
 
