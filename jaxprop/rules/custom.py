@@ -66,7 +66,8 @@ def custom_jvp_call(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any,
     tape = Tape(linear.nodes, [t.slot if s is not None else None
                                for t, s in zip(tangents, in_slots)],
                 [linear.unwrap(t)[1] for t in tangents_out])
-    return trace.record(primitive, {"name": "custom_jvp"}, values, in_slots,
+    name = getattr(getattr(fun, "debug_info", None), "func_name", None) or "custom_jvp"
+    return trace.record(primitive, {"name": name}, values, in_slots,
                         list(primals_out), _transpose_linear_tape, residuals=tape,
                         multiple_results=True)
 
