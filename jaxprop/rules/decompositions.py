@@ -11,7 +11,6 @@ the complex conjugate, ``∘`` an elementwise product, ``tril``/``triu`` triangu
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxprop import _jax
@@ -342,7 +341,7 @@ def _tridiagonal_solve(node, cts):
     """T x = b with T = tridiag(dl, d, du): ct_b = T⁻ᵀ ct (tridiag(du shifted, d, dl shifted)),
     ct_T = −ct_b xᵀ on T's band: ct_d = −Σ ct_b∘x, ct_dl[i] = −Σ ct_b[i]x[i−1],
     ct_du[i] = −Σ ct_b[i]x[i+1]."""
-    (ct,), (dl, d, du, b), x = cts, node.inputs, node.outputs[0]
+    (ct,), (dl, d, du, _), x = cts, node.inputs, node.outputs[0]
     zero = jnp.zeros(dl.shape[:-1] + (1,), dl.dtype)
     dl_t = jnp.concatenate([zero, du[..., :-1]], axis=-1)
     du_t = jnp.concatenate([dl[..., 1:], zero], axis=-1)

@@ -5,8 +5,6 @@ cotangent back to where its value came from.
   output element came from (the permutation). The VJP sorts the cotangents by that
   permutation, which is its inverse: the VJP of a sort is a sort.
 - ``top_k`` / ``approx_top_k``: ct_x = scatter-add of ct_values into the returned indices.
-- ``random_gamma`` (implicit reparameterisation): ∂sample/∂a = random_gamma_grad(a, sample).
-  Other random primitives produce integers or keys and need no rule.
 """
 
 from __future__ import annotations
@@ -77,16 +75,3 @@ def _approx_top_k(node, cts):
     axis = node.params["reduction_dimension"]
     return [convert_like(scatter_along_axis(ct, node.outputs[1], x.shape, axis), x.dtype)]
 
-
-# -- random sampling -------------------------------------------------------------------------
-@noderule("random_gamma")
-def _random_gamma(node, cts):
-    """x ~ Gamma(a): ct_a = ct · ∂x/∂a (implicit reparameterisation; log_space: ∂log x/∂a)."""
-    ct, (key, a), x = cts[0], node.inputs, node.outputs[0]
-    if node.params.get("log_space"):
-        e = jnp.exp(x)
-        e = jnp.where(e == 0, jnp.finfo(e.dtype).tiny, e)
-        dx = lax.random_gamma_grad(a, e) / e
-    else:
-        dx = lax.random_gamma_grad(a, x)
-    return [None, ct * dx]

@@ -1,7 +1,7 @@
 """Randomness passes through jaxprop: keys and random bits are integers (no nodes), noise
 drawn with a constant key is a constant, and differentiated parameters that *use* the noise
-(reparameterisation, dropout, Gumbel-softmax) get JAX's gradients. ``random_gamma`` has an
-implicit-reparameterisation rule."""
+(reparameterisation, dropout, Gumbel-softmax) get JAX's gradients; ``random_gamma``'s
+implicit reparameterisation (rules/special.py) is checked here in that setting."""
 
 import jax
 import jax.numpy as jnp
@@ -125,3 +125,26 @@ def test_no_nodes_for_random_bits():
     trace, _, _ = run_traced(f, [normal(3)])
     traced = [n.name for n in trace.nodes]
     assert traced == ["add"], traced
+
+
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey])
+def test_training_step_returns_new_key_as_aux(make_key):
+    """The usual pattern: split inside, return the new key as aux, untouched."""
+    def loss(p, key):
+        key, sub = jax.random.split(key)
+        return jnp.sum((p * jax.random.normal(sub, p.shape)) ** 2), key
+    p = normal(3)
+    (v, k), g = jaxprop.value_and_grad(loss, has_aux=True)(p, make_key(0))
+    (v2, k2), g2 = jax.value_and_grad(loss, has_aux=True)(p, make_key(0))
+    close((v, g), (v2, g2))
+    assert k.dtype == k2.dtype
+    np.testing.assert_array_equal(jax.random.key_data(k), jax.random.key_data(k2))
+
+
+def test_grad_of_a_key_is_an_error_like_jax():
+    f = lambda tree: jnp.sum(tree["p"] * jax.random.normal(tree["key"], (3,)))
+    tree = {"p": normal(3), "key": jax.random.key(0)}
+    with pytest.raises(TypeError, match="real- or complex-valued"):
+        jax.grad(f)(tree)
+    with pytest.raises(TypeError, match="real- or complex-valued"):
+        jaxprop.grad(f)(tree)
