@@ -331,3 +331,34 @@ def test_nn_functions_x64(x64):
     x = np.linspace(-2.0, 2.0, 5)
     for name in ["softplus", "gelu_erf", "logsumexp", "softmax", "logaddexp"]:
         check_vjp(NN[name], x, order=2)
+
+
+# -- custom JVP rules whose tangent map uses control flow ----------------------------------
+@jax.custom_jvp
+def looped(x):
+    return jnp.sin(x)
+
+
+@looped.defjvp
+def _looped_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return looped(x), lax.fori_loop(0, 3, lambda i, c: c * jnp.cos(x), t)   # a scan on t
+
+
+@jax.custom_jvp
+def branched(x):
+    return jnp.sin(x)
+
+
+@branched.defjvp
+def _branched_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return branched(x), lax.cond(x.sum() > 0, lambda t: t * jnp.cos(x), lambda t: -t, t)
+
+
+@pytest.mark.parametrize("fn", [looped, branched])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_custom_jvp_tangent_map_with_control_flow(fn, sign):
+    x = sign * jnp.array([0.3, 0.5])
+    check_vjp(fn, x, order=2)
+    check_vjp(jax.jit(fn), x, order=2)

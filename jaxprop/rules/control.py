@@ -35,7 +35,8 @@ from jaxprop.registry import Cotangent, Node, defvjp, noderule
 from jaxprop.rules._util import convert_like
 from jaxprop.rules.custom import eval_on, inline_call
 from jaxprop.sweep import backward
-from jaxprop.tracer import (JaxpropTrace, Tape, handler, is_differentiable, run_traced)
+from jaxprop.tracer import (JaxpropTrace, LinearTrace, Tape, handler, is_differentiable,
+                            run_traced)
 
 __all__ = ["WhileLoopError", "cond", "remat", "scan", "while_loop"]
 
@@ -123,6 +124,8 @@ def _depends(jaxpr: Any, flags: Sequence[bool]) -> list[bool]:
 def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
     """scan(consts ‖ carry ‖ xs) -> carry ‖ ys: stack each step's tape, sweep it in reverse."""
     closed, n_c, n_k = params["jaxpr"], params["num_consts"], params["num_carry"]
+    if isinstance(trace, LinearTrace):  # a custom JVP rule scanning its tangents
+        return _unrolled_scan(trace, closed, tracers, params)
     hoisted = _hoist_invariants(trace, closed, tracers[:n_c])
     if hoisted is not None:  # loop-invariant work runs (and is recorded) once, outside
         body, invariants = hoisted
@@ -154,6 +157,24 @@ def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
     info = dict(params, diff=tuple(diff), layout=captured["layout"], dead=captured["dead"])
     return trace.record(primitive, info, values, slots, [*carry, *ys], _scan_rule,
                         residuals=(stacked, captured["fixed"]))
+
+
+def _unrolled_scan(trace: LinearTrace, closed: Any, tracers: Sequence[Any], params: dict
+                   ) -> list[Any]:
+    """A linear map given by a scan is recorded step by step (tangents have no values to
+    stack): slice xs, run the body, stack ys."""
+    n_c, n_k, length = params["num_consts"], params["num_carry"], params["length"]
+    consts, carry, xs = tracers[:n_c], list(tracers[n_c:n_c + n_k]), tracers[n_c + n_k:]
+    steps: list = [None] * length
+    for t in (reversed(range(length)) if params["reverse"] else range(length)):
+        with _jax.set_current_trace(trace):
+            x_t = [lax.index_in_dim(x, t, keepdims=False) for x in xs]
+        outs = eval_on(trace, closed, [*consts, *carry, *x_t])
+        carry, steps[t] = outs[:n_k], outs[n_k:]
+    with _jax.set_current_trace(trace):
+        ys = [jnp.stack([s[j] for s in steps]) if length else jnp.zeros((0, *a.shape), a.dtype)
+              for j, a in enumerate(closed.out_avals[n_k:])]
+    return [*carry, *ys]
 
 
 def _live_residuals(layout: _Layout, residuals: list, xs: list, fixed: list, outs: list
@@ -279,6 +300,11 @@ def cond(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
     if index is not None:
         taken = branches[min(max(int(index), 0), len(branches) - 1)]
         return eval_on(trace, taken, tracers[1:])
+    if isinstance(trace, LinearTrace):  # a custom JVP rule branching on its tangents
+        outs = [eval_on(trace, b, tracers[1:]) for b in branches]
+        with _jax.set_current_trace(trace):
+            which = lax.clamp(0, values[0], len(branches) - 1)
+            return [lax.select_n(which, *cases) for cases in zip(*outs)]
     ops, diff = list(values[1:]), tuple(s is not None for s in slots[1:])
 
     def run(closed: Any, ops: Sequence[Any]) -> tuple:
