@@ -11,7 +11,7 @@
   predicate is concrete (eagerly); under ``jax.jit`` a clear error suggests ``lax.scan``.
 - ``remat2`` (``jax.checkpoint``): one node that saves only its inputs; its backward recomputes
   the forward on a fresh tape and sweeps it.
-- pass-through: ``optimization_barrier`` and ``name`` hand ct through; debug callbacks have no
+- pass-through: ``optimization_barrier``, ``device_put`` and ``name`` hand ct through; debug callbacks have no
   outputs (nothing to differentiate); ``pure_callback`` has no derivative (clear error).
 
 Every backward here is written with ``lax.scan`` / ``lax.switch`` and jaxprop's own sweep, so
@@ -425,8 +425,9 @@ def _remat_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
 
 # -- pass-through ---------------------------------------------------------------------------
 @noderule("optimization_barrier")
-def _optimization_barrier(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
-    """optimization_barrier(*xs) = xs: each ct passes through."""
+@noderule("device_put")
+def _pass_through(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """optimization_barrier(*xs) = xs, device_put(*xs) = xs (moved): each ct passes through."""
     return [ct if s is not None else None for ct, s in zip(cts, node.in_slots)]
 
 
