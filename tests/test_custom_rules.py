@@ -356,7 +356,18 @@ def _branched_jvp(primals, tangents):
     return branched(x), lax.cond(x.sum() > 0, lambda t: t * jnp.cos(x), lambda t: -t, t)
 
 
-@pytest.mark.parametrize("fn", [looped, branched])
+@jax.custom_jvp
+def checkpointed(x):
+    return jnp.sin(x)
+
+
+@checkpointed.defjvp
+def _checkpointed_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return checkpointed(x), jax.checkpoint(lambda t: t * jnp.cos(x))(t)
+
+
+@pytest.mark.parametrize("fn", [looped, branched, checkpointed])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_custom_jvp_tangent_map_with_control_flow(fn, sign):
     x = sign * jnp.array([0.3, 0.5])

@@ -292,8 +292,9 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
 # -- cond / switch ----------------------------------------------------------------------------
 @handler("cond")
 def cond(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
-    """cond(index, *ops): record the taken branch inline when the index is concrete, else one
-    node whose backward switches over the branches' VJPs."""
+    """cond(index, *ops): record the taken branch inline when the index is concrete; else a
+    switch that saves the taken branch's residuals, one node whose backward switches over
+    the branches' sweeps."""
     branches = params["branches"]
     values, slots = zip(*map(trace.unwrap, tracers))
     index = _jax.to_concrete_value(values[0])
@@ -407,6 +408,8 @@ def _traced_while(trace: JaxpropTrace, primitive: Any, tracers: list, params: di
 @handler("remat2", "checkpoint")
 def remat(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
     """jax.checkpoint(f)(x): one node that keeps only x (and f's outputs)."""
+    if isinstance(trace, LinearTrace):  # a tangent map keeps nothing anyway: inline it
+        return eval_on(trace, params["jaxpr"], tracers)
     values, slots = zip(*map(trace.unwrap, tracers))
     outs = _jax.bind_on(trace.parent, primitive, values, params)
     return trace.record(primitive, params, values, slots, outs, _remat_rule)
