@@ -42,7 +42,7 @@ from pathlib import Path
 # -- flags ---------------------------------------------------------------------------------
 WORKLOADS = ["mlp_small", "mlp_wide", "cnn", "transformer", "lstm", "deep_mlp", "per_example"]
 METRICS = ["step", "compile", "eager", "memory"]
-BUDGET_S = 15.0  # a timed comparison stops adding rounds after this long (4 rounds at least)
+BUDGET_S = 10.0  # a timed comparison stops adding rounds after this long (3-4 rounds at least)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,14 +283,14 @@ def make_step(w: Workload, grad, opt):
 
 
 # -- timing --------------------------------------------------------------------------------
-def abba(run_a, run_b, rounds, budget_s=float("inf")):
+def abba(run_a, run_b, rounds, budget_s=float("inf"), min_rounds=4):
     """Alternate A B B A A B …; ``run_x()`` returns seconds. Ratio per round is b / a.
 
-    Stops early (after at least 4 rounds) once ``budget_s`` seconds have passed."""
+    Stops early (after at least ``min_rounds``) once ``budget_s`` seconds have passed."""
     ta, tb = [], []
     start = time.perf_counter()
     for r in range(rounds):
-        if r >= 4 and time.perf_counter() - start > budget_s:
+        if r >= min_rounds and time.perf_counter() - start > budget_s:
             break
         if r % 2 == 0:
             ta.append(run_a())
@@ -378,12 +378,11 @@ def bench_compile(w, opt, args, compiled):
             return t2 - t0
         return run
 
-    if not args.quick:  # warm up JAX's one-time setup (the quick run times its first compile)
-        runner("jax")(), runner("jaxprop")()
-        for lst in split.values():
-            lst[0].clear(), lst[1].clear()
-    rounds = 1 if args.quick else max(2, args.rounds // 4)
-    res = abba(runner("jax"), runner("jaxprop"), rounds, BUDGET_S)
+    if not args.quick:  # warm up the tracing caches of the library code both engines call
+        for name, grad in ENGINES.items():
+            jax.jit(make_step(w, grad, opt)).lower(w.params, opt_state, w.batch)
+    rounds = 1 if args.quick else max(3, args.rounds // 4)
+    res = abba(runner("jax"), runner("jaxprop"), rounds, BUDGET_S, min_rounds=3)
     trace = summarize(split["jax"][0], split["jaxprop"][0])
     res["trace_ratio"], res["trace_jax_s"], res["trace_jaxprop_s"] = (
         trace["ratio"], trace["jax_s"], trace["jaxprop_s"])
@@ -401,7 +400,7 @@ def bench_eager(w, args, out):
     once = min(timed(fns[n], 1) for n in ENGINES)
     reps = repeats_for(once, args.target_ms)
     res = abba(lambda: timed(fns["jax"], reps), lambda: timed(fns["jaxprop"], reps),
-               1 if args.quick else max(2, args.rounds // 2), BUDGET_S)
+               1 if args.quick else max(3, args.rounds // 2), BUDGET_S, min_rounds=3)
     return dict(res, reps=reps)
 
 
