@@ -329,7 +329,7 @@ def test_norm_at_zero():
 
 def test_nn_functions_x64(x64):
     x = np.linspace(-2.0, 2.0, 5)
-    for name in ["softplus", "gelu_erf", "logsumexp", "softmax", "logaddexp"]:
+    for name in ["softplus", "logsumexp", "logaddexp"]:
         check_vjp(NN[name], x, order=2)
 
 
