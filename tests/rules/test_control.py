@@ -328,3 +328,14 @@ def test_pure_callback_has_no_rule():
     f = lambda x: jax.pure_callback(lambda v: v, jax.ShapeDtypeStruct((), jnp.float32), x)
     with pytest.raises(NotImplementedError, match="pure_callback"):
         jaxprop.grad(f)(jnp.float32(1.0))
+
+
+def test_pullback_returned_from_jit():
+    """Scan, cond and remat nodes are pytrees of arrays: the pullback crosses jit boundaries."""
+    W, h0, xs = normal(3, 3, scale=0.5), normal(3), normal(5, 3)
+    f = lambda W: (rnn(W, h0, xs)[1], branchy(W[0], 2.0)[0], jax.checkpoint(block)(W, h0))
+    out, pullback = jax.jit(lambda W: jaxprop.vjp(f, W))(W)
+    ct = jax.tree_util.tree_map(jnp.ones_like, out)
+    expected = jax.vjp(f, W)[1](ct)
+    assert_tree_close(pullback(ct), expected)
+    assert_tree_close(jax.jit(lambda pb, ct: pb(ct))(pullback, ct), expected)
