@@ -11,8 +11,9 @@
   predicate is concrete (eagerly); under ``jax.jit`` a clear error suggests ``lax.scan``.
 - ``remat2`` (``jax.checkpoint``): one node that saves only its inputs; its backward recomputes
   the forward on a fresh tape and sweeps it.
-- pass-through: ``optimization_barrier``, ``device_put`` and ``name`` hand ct through; debug callbacks have no
-  outputs (nothing to differentiate); ``pure_callback`` has no derivative (clear error).
+- pass-through: ``optimization_barrier``, ``device_put`` and ``name`` hand ct through; debug
+  callbacks have no outputs (nothing to differentiate); ``pure_callback`` has no derivative
+  (clear error).
 
 Every backward here is written with ``lax.scan`` / ``lax.switch`` and jaxprop's own sweep, so
 it is traceable (``jax.jit``, ``jax.vmap``) and differentiable again by these same handlers.
@@ -122,7 +123,7 @@ def _depends(jaxpr: Any, flags: Sequence[bool]) -> list[bool]:
 # -- scan -----------------------------------------------------------------------------------
 @handler("scan")
 def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
-    """scan(consts ‖ carry ‖ xs) -> carry ‖ ys: stack each step's tape, sweep it in reverse."""
+    """scan(consts ‖ carry ‖ xs) -> carry ‖ ys: stack per-step tapes, sweep them in reverse."""
     closed, n_c, n_k = params["jaxpr"], params["num_consts"], params["num_carry"]
     if isinstance(trace, LinearTrace):  # a custom JVP rule scanning its tangents
         return _unrolled_scan(trace, closed, tracers, params)
