@@ -108,6 +108,22 @@ def test_custom_jvp_closure_over_outer_tracers():
 
 
 @jax.custom_jvp
+def two_args(x, y):
+    return jnp.sin(x) * y
+
+
+two_args.defjvps(lambda tx, out, x, y: 2.0 * jnp.cos(x) * y * tx,   # per-argument rules
+                 lambda ty, out, x, y: jnp.sin(x) * ty)
+
+
+def test_custom_jvp_defjvps_and_under_jit():
+    x, y = normal(3), normal(3)
+    check_vjp(two_args, x, y, order=2)
+    check_vjp(jax.jit(two_args), x, y, order=2)
+    assert float(jax.jit(jaxprop.grad(jax.nn.relu))(0.0)) == 0.0
+
+
+@jax.custom_jvp
 def pytree_fn(params):
     return {"out": params["a"] * jnp.sin(params["b"]), "aux": (params["a"] ** 2,)}
 
