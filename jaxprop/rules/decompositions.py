@@ -235,14 +235,14 @@ def _svd(node, cts):
         M1 = F * K1
         D = _diag(_diagonal(K1) * s_inv)
         ct_S = ct_S + (M1 + _H(M1)) * s_j + 0.5 * (D - _H(D))
-        if m > k:  # U̇ += (I − UUᴴ) Ȧ V / s_j
+        if m > n:  # U̇ += (I − UUᴴ) Ȧ V / s_j
             E = ct_U / s_j
             ct_A = ct_A + _mm(E - _mm(_conj(U), _mm(_T(U), E)), _T(V))
     if ct_Vt is not None:
         ct_V = _H(ct_Vt)
         M2 = F * _mm(_T(V), ct_V)
         ct_S = ct_S + s_i * (M2 + _H(M2))
-        if n > k:  # V̇ += (I − VVᴴ) Ȧᴴ U / s_j
+        if n > m:  # V̇ += (I − VVᴴ) Ȧᴴ U / s_j
             E = ct_V / s_j
             ct_A = ct_A + _H(_mm(E - _mm(_conj(V), _mm(_T(V), E)), _T(U)))
     ct_A = ct_A + _mm(_mm(_conj(U), ct_S), _T(V))

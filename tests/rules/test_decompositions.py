@@ -210,7 +210,8 @@ def test_det_singular_matches_jax(dtype):
     check(jnp.linalg.det, a, order=(1,))
 
 
-@pytest.mark.parametrize("ord_", ["fro", 2, "nuc", pytest.param(-2, marks=pytest.mark.slow),
+@pytest.mark.parametrize("ord_", [2, "nuc", pytest.param("fro", marks=pytest.mark.slow),
+                                  pytest.param(-2, marks=pytest.mark.slow),
                                   pytest.param(1, marks=pytest.mark.slow)])
 def test_matrix_norms(ord_):
     check(lambda a: jnp.linalg.norm(a, ord_), normal(4, 3))
@@ -304,13 +305,13 @@ def test_eigh_complex(cdtype):
 
 
 # -- svd ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(3, 3), (4, 3), (3, 4), pytest.param((2, 4, 3),
-                                                                       marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shape", [(4, 3), (3, 4), pytest.param((3, 3), marks=pytest.mark.slow),
+                                   pytest.param((2, 4, 3), marks=pytest.mark.slow)])
 def test_svd(dtype, shape):
     check(lambda a: jnp.linalg.svd(a, full_matrices=False), normal(*shape, dtype=dtype))
 
 
-@pytest.mark.parametrize("shape", [(4, 3), (3, 4)])
+@pytest.mark.parametrize("shape", [(4, 3), pytest.param((3, 4), marks=pytest.mark.slow)])
 def test_singular_values_only(shape):
     check(lambda a: jnp.linalg.svd(a, compute_uv=False), normal(*shape))
 
@@ -391,6 +392,7 @@ def test_eig_vectors_without_opt_in_raises():
 
 
 # -- tridiagonal_solve ----------------------------------------------------------------------------
+@pytest.mark.slow  # test_float64 covers the rule in the default run
 @pytest.mark.parametrize("n,k,batch", [(4, 2, ()), pytest.param(1, 1, (), marks=pytest.mark.slow),
                                        pytest.param(5, 3, (2,), marks=pytest.mark.slow)])
 def test_tridiagonal_solve(dtype, n, k, batch):
