@@ -18,10 +18,6 @@ from jaxprop.registry import defvjp, defzero, noderule
 from jaxprop.rules._util import convert_like, unbroadcast as ub
 
 
-def _zeros(x):
-    return jnp.zeros_like(x)
-
-
 def _highest(accuracy) -> bool:
     """True when a transcendental op asked for its most accurate evaluation."""
     return accuracy is not None and getattr(accuracy, "name", "") == "HIGHEST"

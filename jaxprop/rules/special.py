@@ -2,7 +2,7 @@
 
 Each rule is ``ct`` times the closed-form derivative. Where no closed form exists JAX raises,
 and so does jaxprop, with the same message: ∂polygamma/∂m, ∂betainc/∂a and ∂/∂b,
-∂igamma_grad_a, and ∂zeta/∂x (jax.scipy.special.zeta is a custom_jvp with a series for it:
+igamma_grad_a (no rule registered), and ∂zeta/∂x (jax.scipy.special.zeta is a custom_jvp with a series for it:
 use that). ∂zeta/∂q = −x·ζ(x + 1, q) is closed-form, so jaxprop gives it where JAX raises.
 """
 
@@ -50,8 +50,8 @@ defvjp("igamma",                                                              # 
 defvjp("igammac",                                                             # Q = 1 − P
        lambda ct, out, a, x: ub(-(ct * lax.igamma_grad_a(a, x)), a),
        lambda ct, out, a, x: ub(-(ct * _igamma_dx(a, x)), x))
-_NO_IGAMMA_GRAD_A = "Differentiation rule for 'igamma_grad_a' not implemented"
-defvjp("igamma_grad_a", unsupported(_NO_IGAMMA_GRAD_A), unsupported(_NO_IGAMMA_GRAD_A))
+# igamma_grad_a (∂P/∂a, a series) has no rule in JAX or here: differentiating it raises
+# jaxprop's missing-rule error (a NotImplementedError, like JAX's).
 
 
 def _random_gamma(ct, out, key, a, log_space):

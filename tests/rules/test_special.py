@@ -92,18 +92,18 @@ def test_igamma(fn, dtype):
 
 
 def test_igamma_grad_a_has_no_rule():
+    """Neither JAX nor jaxprop differentiates igamma_grad_a: both raise NotImplementedError."""
     a, x = jnp.asarray([1.5, 2.0]), jnp.asarray([0.5, 1.0])
     with pytest.raises(NotImplementedError):
         jax.vjp(lax.igamma_grad_a, a, x)
-    _, pull = jaxprop.vjp(lax.igamma_grad_a, a, x)
-    with pytest.raises(ValueError, match="igamma_grad_a"):
-        pull(jnp.ones(2))
-    # second order of igamma w.r.t. a hits it too, in JAX and in jaxprop
-    g = lambda f: f(lambda a: jnp.sum(sp.gammainc(a, x)))
+    with pytest.raises(NotImplementedError, match="igamma_grad_a"):
+        jaxprop.vjp(lax.igamma_grad_a, a, x)
+    # so the second derivative of igamma w.r.t. a fails in both
+    inner = lambda grad: lambda a: jnp.sum(grad(lambda a: jnp.sum(sp.gammainc(a, x)))(a))
     with pytest.raises(NotImplementedError):
-        jax.grad(lambda a: jnp.sum(jax.grad(lambda a: jnp.sum(sp.gammainc(a, x)))(a)))(a)
-    with pytest.raises(ValueError):
-        jaxprop.grad(lambda a: jnp.sum(g(jaxprop.grad)(a)))(a)
+        jax.grad(inner(jax.grad))(a)
+    with pytest.raises(NotImplementedError, match="igamma_grad_a"):
+        jaxprop.grad(inner(jaxprop.grad))(a)
 
 
 def test_betainc(dtype):
