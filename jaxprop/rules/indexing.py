@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprop.registry import defvjp
+from jaxprop.registry import defvjp, noderule
 
 
 def scatter_numbers(g: lax.GatherDimensionNumbers) -> lax.ScatterDimensionNumbers:
@@ -94,21 +94,17 @@ def _winners(operand, indices, updates, params):
     return landed == 0, won
 
 
-def _scatter_operand(ct, out, operand, indices, updates, **params):
-    """scatter: out = x with x[idx] := u ⇒ ct_x = ct where nothing was written, else 0."""
-    kept, _ = _winners(operand, indices, updates, params)
-    return jnp.where(kept, ct, jnp.zeros_like(ct))
-
-
-def _scatter_updates(ct, out, operand, indices, updates, **params):
-    """scatter: each update that landed gets ct at its position; overwritten ones get 0."""
-    _, won = _winners(operand, indices, updates, params)
-    read = read_back(ct, indices, np.shape(updates), params["dimension_numbers"],
-                     params["mode"], **_flags(params))
-    return jnp.where(won, read, jnp.zeros_like(read))
-
-
-defvjp("scatter", _scatter_operand, None, _scatter_updates)
+@noderule("scatter")
+def _scatter(node, cts):
+    """scatter: out = x with x[idx] := u ⇒ ct_x = ct where nothing landed (else 0);
+    each update that landed gets ct at its position, overwritten ones get 0."""
+    (ct,), (operand, indices, updates), p = cts, node.inputs, node.params
+    kept, won = _winners(operand, indices, updates, p)
+    want_x, _, want_u = node.wants
+    read = read_back(ct, indices, np.shape(updates), p["dimension_numbers"], p["mode"],
+                     **_flags(p)) if want_u else None
+    return [jnp.where(kept, ct, jnp.zeros_like(ct)) if want_x else None, None,
+            jnp.where(won, read, jnp.zeros_like(read)) if want_u else None]
 
 
 # -- scatter-mul -----------------------------------------------------------------------------
@@ -141,29 +137,19 @@ defvjp("scatter-mul", _scatter_mul_operand, None, _scatter_mul_updates)
 
 
 # -- scatter-max / scatter-min ---------------------------------------------------------------
-def _extremal_shares(out, operand, indices, updates, params):
-    """ct shares: 1/(number of tied winners) for the operand (if it won) and each winning update."""
-    s, mode, flags = params["dimension_numbers"], params["mode"], _flags(params)
+@noderule("scatter-max")
+@noderule("scatter-min")
+def _scatter_extremal(node, cts):
+    """scatter-max/min: out = max(x, updates at x's position) ⇒ ct is shared equally by the
+    tied winners there: x gets ct·[x won]/#winners, update j gets ct[idxⱼ]·[uⱼ won]/#winners."""
+    (ct,), (operand, indices, updates), (out,) = cts, node.inputs, node.outputs
+    p = node.params
+    s, mode, flags = p["dimension_numbers"], p["mode"], _flags(p)
     read = lambda v: read_back(v, indices, np.shape(updates), s, mode, **flags)
     won = updates == read(out)
-    kept = (operand == out).astype(out.dtype)
-    winners = lax.scatter_add(kept, indices, won.astype(out.dtype), s, mode=mode, **flags)
+    kept = (operand == out).astype(ct.dtype)
+    winners = lax.scatter_add(kept, indices, won.astype(ct.dtype), s, mode=mode, **flags)
     share = 1 / jnp.maximum(winners, 1)
-    return kept * share, jnp.where(won, read(share), 0).astype(out.dtype)
-
-
-def _extremal_operand(ct, out, operand, indices, updates, **params):
-    """scatter-max/min: out = max(x, updates at x's position) ⇒ x gets ct·[x won]/#winners."""
-    return ct * _extremal_shares(out, operand, indices, updates, params)[0]
-
-
-def _extremal_updates(ct, out, operand, indices, updates, **params):
-    """scatter-max/min: update j gets ct[idxⱼ]·[uⱼ won]/#winners."""
-    share = _extremal_shares(out, operand, indices, updates, params)[1]
-    s = params["dimension_numbers"]
-    return share * read_back(ct, indices, np.shape(updates), s, params["mode"],
-                             **_flags(params))
-
-
-defvjp("scatter-max", _extremal_operand, None, _extremal_updates)
-defvjp("scatter-min", _extremal_operand, None, _extremal_updates)
+    want_x, _, want_u = node.wants
+    return [ct * kept * share if want_x else None, None,
+            jnp.where(won, read(ct * share), 0).astype(ct.dtype) if want_u else None]
