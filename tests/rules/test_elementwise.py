@@ -81,8 +81,7 @@ def test_unary(name, dtype):
     check_vjp(fn, x, order=2, rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("name", ["exp", "tanh", "logistic", "log", "sin", "expm1", "square",
-                                  "abs", "integer_pow3", "sqrt", "atan"])
+@pytest.mark.parametrize("name", ["tanh", "log", "square", "abs", "integer_pow3", "sqrt"])
 @pytest.mark.parametrize("shape", [(), (2, 3), (0, 2)])
 def test_unary_shapes(name, shape):
     fn, values = UNARY[name]
@@ -92,9 +91,8 @@ def test_unary_shapes(name, shape):
 
 
 @pytest.mark.parametrize("low", ["bfloat16", "float16"])
-@pytest.mark.parametrize("name", ["exp", "tanh", "logistic", "log", "sin", "cos", "sqrt",
-                                  "square", "abs", "expm1", "log1p", "integer_pow3", "rsqrt",
-                                  "atan"])
+@pytest.mark.parametrize("name", ["exp", "tanh", "logistic", "log", "sin", "sqrt", "abs",
+                                  "expm1", "integer_pow3", "rsqrt"])
 def test_unary_low_precision(name, low):
     fn, values = UNARY[name]
     x = arr(values, low)
