@@ -155,6 +155,7 @@ def identity_primitive(name: str, transpose: Any) -> Any:
     from jax._src.interpreters import ad, batching, mlir
 
     prim = Primitive(name)
+    MARKERS.add(name)
     prim.def_impl(lambda x, **params: x)
     prim.def_abstract_eval(lambda x, **params: x)
     mlir.register_lowering(prim, lambda ctx, x, **params: [x])
@@ -162,6 +163,20 @@ def identity_primitive(name: str, transpose: Any) -> Any:
     batching.primitive_batchers[prim] = (
         lambda args, dims, **params: (prim.bind(*args, **params), dims[0]))
     return prim
+
+
+# Names of marker primitives (tags, hooks): a jitted call containing one is always inlined.
+MARKERS: set[str] = set()
+
+
+def is_eager(trace: Any) -> bool:
+    """Whether ``trace`` evaluates eagerly (concrete values, one dispatch per primitive)."""
+    return isinstance(trace, _core.EvalTrace)
+
+
+def has_effects(closed: Any) -> bool:
+    """Whether a (Closed)Jaxpr has side effects (prints, callbacks) that must run once."""
+    return bool(getattr(closed, "effects", ()))
 
 
 def escaped_tracer_check(value: Any) -> None:

@@ -31,7 +31,7 @@ from jax.tree_util import keystr, tree_flatten_with_path, tree_unflatten
 from jaxprop import _jax
 from jaxprop.registry import Node
 from jaxprop.sweep import backward
-from jaxprop.tracer import is_differentiable, run_traced
+from jaxprop.tracer import inlining, is_differentiable, run_traced
 
 __all__ = ["Explanation", "explain", "record_and_sweep"]
 
@@ -76,7 +76,8 @@ def record_and_sweep(f: Callable, args: Sequence[Any], argnums: int | Sequence[i
             k += td.num_leaves
         return f(*rebuilt)
 
-    trace, tracers, result = run_traced(flat_fun, values)
+    with inlining():  # see inside jitted calls, one node per primitive
+        trace, tracers, result = run_traced(flat_fun, values)
     out_leaves, out_tree = jax.tree_util.tree_flatten(result)
     out_values, out_slots = (zip(*map(trace.unwrap, out_leaves)) if out_leaves else ((), ()))
     if cotangent is None:

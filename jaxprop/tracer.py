@@ -9,7 +9,8 @@ to the tape and wraps the floating-point outputs. Values of other traces are con
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -188,6 +189,28 @@ class LinearTrace(JaxpropTrace):
 
     def _touches_tangents(self, tracers: Sequence[Any]) -> bool:
         return any(self.unwrap(t)[1] is not None for t in tracers)
+
+
+_FORCE_INLINE = [0]
+
+
+@contextlib.contextmanager
+def inlining() -> Iterator[None]:
+    """Record the primitives inside ``jax.jit``-ed calls one by one, even eagerly.
+
+    Eagerly, jaxprop otherwise keeps a jitted call as one node with a compiled VJP (one
+    dispatch each way); ``explain`` and the NaN search want to see inside it.
+    """
+    _FORCE_INLINE[0] += 1
+    try:
+        yield
+    finally:
+        _FORCE_INLINE[0] -= 1
+
+
+def inlining_forced() -> bool:
+    """Whether an :func:`inlining` block is active."""
+    return _FORCE_INLINE[0] > 0
 
 
 def run_traced(fun: Callable[..., Any], values: Sequence[Any], *,

@@ -2,7 +2,8 @@
 
 - ``jit`` / ``closed_call`` / ``core_call``: the inner jaxpr is evaluated under the jaxprop
   trace, so its primitives are recorded like any others (under an outer ``jax.jit`` XLA sees
-  one program either way).
+  one program either way). Eagerly a ``jit`` call stays one node: one dispatch forward, and a
+  VJP compiled once per inner program (it recomputes the forward it needs, fused by XLA).
 - ``custom_jvp_call``: honour the user's JVP. Its tangent output ``t_out = J t_in`` is linear
   in ``t_in``; jaxprop records that linear map on an inner tape without evaluating it (a
   :class:`~jaxprop.tracer.LinearTrace`) and its VJP is the reverse sweep of that tape:
@@ -17,20 +18,82 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import functools
+
+import jax
 import jax.numpy as jnp
-from jax.extend.core import Literal
+from jax.extend.core import Literal, jaxprs_in_params
 
 from jaxprop import _jax
-from jaxprop.registry import Cotangent, Node
+from jaxprop.registry import OVERRIDES, Cotangent, Node
 from jaxprop.sweep import backward
-from jaxprop.tracer import JaxpropTrace, LinearTrace, Tape, handler, zeros_like_value
+from jaxprop.tracer import (JaxpropTrace, LinearTrace, Tape, handler, inlining_forced,
+                            run_traced, zeros_like_value)
 
 
 @handler("jit", "closed_call", "core_call")
 def inline_call(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any],
                 params: dict) -> list[Any]:
-    """jit(f)(x) -> f(x): record the callee's primitives on this tape."""
-    return eval_on(trace, params.get("jaxpr", params.get("call_jaxpr")), tracers)
+    """jit(f)(x) -> f(x): record the callee's primitives on this tape (or, eagerly, one node
+    with a compiled VJP)."""
+    closed = params.get("jaxpr", params.get("call_jaxpr"))
+    if primitive.name == "jit" and _compile_as_one_node(trace, closed):
+        return _compiled_call(trace, primitive, tracers, params)
+    return eval_on(trace, closed, tracers)
+
+
+def _compile_as_one_node(trace: JaxpropTrace, closed: Any) -> bool:
+    """Eagerly, a jitted call runs as one dispatch and its VJP as one compiled program —
+    unless something must be seen per primitive (explain, overrides, tags, hooks, effects)."""
+    return (type(trace) is JaxpropTrace and _jax.is_eager(trace.parent)
+            and not inlining_forced() and not OVERRIDES and hasattr(closed, "consts")
+            and not _jax.has_effects(closed) and not _has_marker(closed.jaxpr))
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_marker(jaxpr: Any) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _jax.MARKERS or any(
+                _has_marker(sub) for sub in jaxprs_in_params(eqn.params)):
+            return True
+    return False
+
+
+def _compiled_call(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any],
+                   params: dict) -> list[Any]:
+    """Bind the whole call on the parent; the node's rule is a cached, jitted VJP of it."""
+    values, slots = zip(*map(trace.unwrap, tracers))
+    outputs = _jax.bind_on(trace.parent, primitive, values, params)
+    return trace.record(primitive, params, values, slots, outputs, _compiled_call_rule)
+
+
+def _compiled_call_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """jit(f): ct_in = vjp(f)(inputs)(ct_out), as one compiled program (forward recomputed)."""
+    wants = node.wants
+    given = tuple(ct is not None for ct in cts)
+    vjp = _compiled_vjp(node.params["jaxpr"], wants, given)
+    in_cts = iter(vjp(list(node.inputs), [ct for ct in cts if ct is not None]))
+    return [next(in_cts) if w else None for w in wants]
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_vjp(closed: Any, wants: tuple, given: tuple) -> Any:
+    def vjp(inputs: list, cts: list) -> list:
+        diff = [inputs[i] for i, w in enumerate(wants) if w]
+
+        def body(*tracers: Any) -> list:
+            it = iter(tracers)
+            return eval_on(_jax.get_current_trace(), closed,
+                           [next(it) if w else x for x, w in zip(inputs, wants)])
+
+        inner, in_tracers, outs = run_traced(body, diff)
+        it = iter(cts)
+        full = [next(it) if g else None for g in given]
+        out_slots = [inner.unwrap(o)[1] for o in outs]
+        in_cts = backward(inner.nodes, out_slots, full, [t.slot for t in in_tracers])
+        return [zeros_like_value(x) if ct is None else ct for ct, x in zip(in_cts, diff)]
+
+    return jax.jit(vjp)
 
 
 def eval_on(trace: Any, closed: Any, args: Sequence[Any]) -> list[Any]:
