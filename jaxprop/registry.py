@@ -122,10 +122,11 @@ def _param_filter(fn: InputRule | None) -> Callable[[dict], dict]:
 def defzero(*names: str) -> None:
     """Register primitives whose outputs carry no gradient to their inputs."""
     for name in names:
-        register(name, _zero_rule)
+        register(name, zero_rule)
 
 
-def _zero_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+def zero_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """No gradient reaches any input (outputs of such primitives are recorded as constants)."""
     return [None] * len(node.inputs)
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprop import _jax
-from jaxprop.registry import Node, NodeRule, lookup, missing_rule_error
+from jaxprop.registry import Node, NodeRule, lookup, missing_rule_error, zero_rule
 
 
 def is_differentiable(aval: Any) -> bool:
@@ -126,6 +126,8 @@ class JaxpropTrace(_jax.Trace):
         rule = lookup(primitive.name)
         if rule is None:
             raise missing_rule_error(primitive)
+        if rule is zero_rule:
+            return outputs  # stop_gradient, sign, floor …: constants from here on
         return self.record(primitive, params, values, slots, outputs, rule)
 
     def process_custom_jvp_call(self, primitive: Any, fun: Any, jvp: Any,

@@ -29,11 +29,11 @@ defvjp("add", lambda ct, out, x, y: ub(ct, x),          # add gate: pass ct thro
 defvjp("add_any", lambda ct, out, x, y: ub(ct, x),
                   lambda ct, out, x, y: ub(ct, y))
 defvjp("sub", lambda ct, out, x, y: ub(ct, x),          # x - y: (ct, -ct)
-              lambda ct, out, x, y: ub(-ct, y))
+              lambda ct, out, x, y: -ub(ct, y))       # negate after reducing: less memory
 defvjp("mul", lambda ct, out, x, y: ub(ct * y, x),      # mul gate: inputs swap
               lambda ct, out, x, y: ub(ct * x, y))
 defvjp("div", lambda ct, out, x, y: ub(ct / y, x),      # x / y: (ct/y, -ct·x/y²)
-              lambda ct, out, x, y: ub(-ct * x * lax.integer_pow(y, -2), y))
+              lambda ct, out, x, y: -ub(ct * x * lax.integer_pow(y, -2), y))
 defvjp("neg", lambda ct, out, x: -ct)                   # -x: -1
 defvjp("rem",                                           # x - y·trunc(x/y): (ct, -ct·trunc(x/y))
        lambda ct, out, x, y: ub(ct, x),

@@ -43,7 +43,8 @@ def unslice(ct, in_shape, start_indices, strides=None):
 def _broadcast_in_dim(ct, out, x, *dyn, shape, broadcast_dimensions, **_):
     """broadcast_in_dim: sum ct over the new axes and over axes broadcast from size 1."""
     x_shape = np.shape(x)
-    new_axes = tuple(i for i in range(len(shape)) if i not in broadcast_dimensions)
+    new_axes = tuple(i for i in range(len(shape))  # new axes of size 1 go with the reshape
+                     if i not in broadcast_dimensions and shape[i] != 1)
     ones = tuple(d for i, d in enumerate(broadcast_dimensions)
                  if x_shape[i] == 1 and shape[d] != 1)
     summed = lax.reduce_sum(ct, new_axes + ones) if new_axes + ones else ct
