@@ -188,7 +188,7 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_same_tests():
     assert len(commands) == 2
     assert commands[0].endswith(".venv/bin/python experiments/train.py")
     test_command = commands[1].split("&& ")[-1]
-    assert test_command == '.venv/bin/python -m pytest -q -m "not slow"'
+    assert test_command == '.venv/bin/python -m pytest -q -n 2 -m "not slow"'
     ci = (EXPERIMENTS.parent / ".ci" / "run").read_text()
     assert f"TEST_COMMAND='{test_command}'" in ci
-    assert 'python" -m pytest -q -m "not slow" ||' in ci and "HYPOTHESIS_PROFILE=ci" in ci
+    assert 'python" -m pytest -q -n 2 -m "not slow" ||' in ci and "HYPOTHESIS_PROFILE=ci" in ci
