@@ -9,17 +9,6 @@ from jax import lax
 import jaxprop
 from jaxprop.testing import check_vjp
 
-DTYPES = ["float32", "float64"]
-
-
-@pytest.fixture(params=DTYPES)
-def dtype(request):
-    """float32, and float64 under x64."""
-    if request.param == "float64":
-        request.getfixturevalue("x64")
-    return jnp.dtype(request.param)
-
-
 def arr(values, dtype):
     return jnp.asarray(np.asarray(values, dtype=np.float64), dtype)
 

@@ -10,29 +10,8 @@ from hypothesis import strategies as st
 from jax import lax
 
 import jaxprop
-from jaxprop.testing import check_vjp, random_like
-
-DTYPES = ["float32", "float64"]
-
-
-@pytest.fixture(params=DTYPES)
-def dtype(request):
-    """float32, and float64 under x64."""
-    if request.param == "float64":
-        request.getfixturevalue("x64")
-    return jnp.dtype(request.param)
-
-
-def rand(shape, dtype=jnp.float32, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
-
-
-def check(f, *args, order=2, **kw):
-    """check_vjp of sin∘f: the sin makes the cotangent that reaches f's rule depend on the
-    inputs, so order 2 also differentiates the rule's own output (for a linear f it would
-    otherwise be a constant)."""
-    check_vjp(lambda *a: jax.tree.map(jnp.sin, f(*a)), *args, order=order, **kw)
-
+from rulecheck import check, rand
+from jaxprop.testing import random_like
 
 def arr(values, dtype=jnp.float32):
     return jnp.asarray(np.asarray(values, np.float64), dtype)

@@ -11,14 +11,6 @@ import jaxprop
 from jaxprop.testing import check_vjp
 
 
-@pytest.fixture(params=["float32", "float64"])
-def dtype(request):
-    """float32, and float64 under x64."""
-    if request.param == "float64":
-        request.getfixturevalue("x64")
-    return jnp.dtype(request.param)
-
-
 def arr(values, dtype=jnp.float32):
     return jnp.asarray(np.asarray(values, np.float64), dtype)
 
