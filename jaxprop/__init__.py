@@ -9,6 +9,7 @@ from jaxprop.hooks import (clip_gradient, clip_gradient_norm, feedback_alignment
                            gradient_reversal, hook, override, straight_through)
 from jaxprop.nan import NanReport, find_nan_origin
 from jaxprop.tags import grad_and_tags, tag, value_and_grad_and_tags
+from jaxprop.tracer import inlining
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,6 @@ __all__ = [
     "registered", "value_and_grad", "vjp",
     "Explanation", "NanReport", "clip_gradient", "clip_gradient_norm", "explain",
     "feedback_alignment", "feedback_rule", "find_nan_origin", "grad_and_tags",
-    "gradient_reversal", "hook", "override", "straight_through", "tag",
+    "gradient_reversal", "hook", "inlining", "override", "straight_through", "tag",
     "value_and_grad_and_tags", "vjp_rule",
 ]

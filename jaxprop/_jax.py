@@ -18,6 +18,7 @@ from jax._src import core as _core
 from jax._src import source_info_util as _source_info
 from jax._src.ad_util import SymbolicZero, Zero
 from jax._src.lib import xla_client as _xla_client
+from jax._src.sharding_impls import UnspecifiedValue as _UnspecifiedValue
 from jax.dtypes import float0
 
 Trace = _jcore.Trace
@@ -91,6 +92,20 @@ def bind_on(trace: Any, primitive: Any, args: Any, params: dict) -> Any:
     """Apply ``primitive`` to ``args`` on ``trace`` (the parent of a jaxprop trace)."""
     avals = tuple(map(_core.typeof, args))
     return primitive.bind_with_trace(trace, args, avals, params)
+
+
+def jaxpr_as_fun(closed: Any) -> Any:
+    """A ClosedJaxpr as a Python function of its inputs, returning the list of outputs."""
+    return _core.jaxpr_as_fun(closed)
+
+
+def plain_jit_params(params: dict) -> bool:
+    """Whether a ``jit`` equation's params ask for nothing beyond running its jaxpr (and
+    donating inputs): no shardings, layouts or compiler options (a plain ``jax.jit``)."""
+    return (not params["compiler_options_kvs"]
+            and all(isinstance(s, _UnspecifiedValue)
+                    for s in (*params["in_shardings"], *params["out_shardings"]))
+            and all(x is None for x in (*params["in_layouts"], *params["out_layouts"])))
 
 
 def get_current_trace() -> Any:

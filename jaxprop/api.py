@@ -17,7 +17,7 @@ import numpy as np
 from jax.tree_util import Partial, tree_flatten, tree_map, tree_structure, tree_unflatten
 
 from jaxprop import _jax
-from jaxprop.sweep import backward
+from jaxprop.eager import sweep
 from jaxprop.tracer import Tape, is_differentiable, run_traced
 
 __all__ = ["grad", "hessian", "jacrev", "value_and_grad", "vjp"]
@@ -31,7 +31,8 @@ def _trace(fun: Callable, primals: Sequence[Any], has_aux: bool
     """Run ``fun(*primals)`` on a tape; return (output, pullback, aux)."""
     leaves, in_tree = tree_flatten(primals)
     diff = [is_differentiable(_jax.aval_of(x)) for x in leaves]
-    diff_leaves = [jnp.asarray(x) for x, d in zip(leaves, diff) if d]
+    diff_leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x)
+                   for x, d in zip(leaves, diff) if d]
 
     def flat_fun(*tracers: Any) -> Any:
         it = iter(tracers)
@@ -71,15 +72,7 @@ def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: A
         if np.shape(ct) != np.shape(o):
             raise ValueError(f"Cotangent shape {np.shape(ct)} does not match the output's "
                              f"shape {np.shape(o)}.")
-    in_cts = backward(tape.nodes, tape.out_slots, ct_leaves, tape.in_slots)
-    filled = [_zeros(spec) if ct is None else ct for ct, spec in zip(in_cts, in_specs)]
-    return tuple(tree_unflatten(in_tree, filled))
-
-
-def _zeros(spec: jax.ShapeDtypeStruct) -> Any:
-    if jnp.issubdtype(spec.dtype, jnp.inexact):
-        return jnp.zeros(spec.shape, spec.dtype)
-    return np.zeros(spec.shape, _jax.float0)
+    return tuple(tree_unflatten(in_tree, sweep(tape, ct_leaves, in_specs)))
 
 
 # -- public API ---------------------------------------------------------------------------

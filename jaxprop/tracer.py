@@ -256,12 +256,19 @@ class Tape:
         self.nodes = list(nodes)
         self.in_slots = tuple(in_slots)
         self.out_slots = tuple(out_slots)
+        self._skeleton: _Skeleton | None = None
 
     def tree_flatten(self) -> tuple[list, Any]:
         data = [(n.inputs, n.outputs, n.residuals) for n in self.nodes]
-        skeleton = [(n.primitive, n.params, n.in_slots, n.out_slots, n.rule, n.source)
-                    for n in self.nodes]
-        return [data], _Skeleton((skeleton, self.in_slots, self.out_slots))
+        return [data], self.skeleton()
+
+    def skeleton(self) -> _Skeleton:
+        """The tape's static structure (cached): everything but the arrays."""
+        if self._skeleton is None:
+            nodes = [(n.primitive, n.params, n.in_slots, n.out_slots, n.rule, n.source)
+                     for n in self.nodes]
+            self._skeleton = _Skeleton((nodes, self.in_slots, self.out_slots))
+        return self._skeleton
 
     @classmethod
     def tree_unflatten(cls, aux: _Skeleton, children: list) -> Tape:
@@ -269,13 +276,60 @@ class Tape:
         nodes = [Node(p, params, ins, outs, isl, osl, rule, res, src)
                  for (p, params, isl, osl, rule, src), (ins, outs, res)
                  in zip(skeleton, children[0])]
-        return cls(nodes, in_slots, out_slots)
+        tape = cls(nodes, in_slots, out_slots)
+        tape._skeleton = aux
+        return tape
 
 
 class _Skeleton:
-    """Static part of a tape, compared by identity (like a fresh ``jax.vjp`` pullback)."""
+    """Static part of a tape. Two skeletons are equal when their tapes have the same structure
+    (primitives, params, wiring, rules), so ``jax.jit`` reuses one compiled program for every
+    pullback of that structure. A skeleton with unhashable params compares by identity, like
+    a fresh ``jax.vjp`` pullback."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "_key")
 
     def __init__(self, value: Any) -> None:
         self.value = value
+        self._key: Any = _UNSET
+
+    @property
+    def key(self) -> Any:
+        """A hashable description of the structure, or None when a param is not hashable."""
+        if self._key is _UNSET:
+            self._key = _structure_key(self.value)
+        return self._key
+
+    def __hash__(self) -> int:
+        key = self.key
+        return hash(key) if key is not None else id(self)
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, _Skeleton) or self.key is None:
+            return False
+        return self.key == other.key
+
+
+_UNSET = object()
+
+
+def _structure_key(value: Any) -> Any:
+    skeleton, in_slots, out_slots = value
+    try:
+        key = (tuple((p, _freeze(params), isl, osl, rule) for p, params, isl, osl, rule, _
+                     in skeleton), in_slots, out_slots)
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _freeze(params: dict) -> tuple:
+    """``params`` as a hashable tuple; TypeError if a value is not hashable (arrays, lists)."""
+    items = tuple(sorted(params.items()))
+    for _, v in items:
+        if isinstance(v, (np.ndarray, jax.Array)):
+            raise TypeError("array-valued param")
+    return items

@@ -45,9 +45,14 @@ def inline_call(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any],
 def _compile_as_one_node(trace: JaxpropTrace, closed: Any) -> bool:
     """Eagerly, a jitted call runs as one dispatch and its VJP as one compiled program —
     unless something must be seen per primitive (explain, overrides, tags, hooks, effects)."""
-    return (type(trace) is JaxpropTrace and _jax.is_eager(trace.parent)
-            and not inlining_forced() and not OVERRIDES and hasattr(closed, "consts")
+    return (_eager_fast_path(trace) and hasattr(closed, "consts")
             and not _jax.has_effects(closed) and not _has_marker(closed.jaxpr))
+
+
+def _eager_fast_path(trace: JaxpropTrace) -> bool:
+    """Recording eagerly, with nothing asking to see every primitive."""
+    return (type(trace) is JaxpropTrace and _jax.is_eager(trace.parent)
+            and not inlining_forced() and not OVERRIDES)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -63,8 +68,18 @@ def _compiled_call(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any],
                    params: dict) -> list[Any]:
     """Bind the whole call on the parent; the node's rule is a cached, jitted VJP of it."""
     values, slots = zip(*map(trace.unwrap, tracers))
-    outputs = _jax.bind_on(trace.parent, primitive, values, params)
+    if _jax.plain_jit_params(params):  # JAX's C++ dispatch: no per-call Python bookkeeping
+        outputs = _dispatcher(params["jaxpr"])(*values)
+    else:  # the tape keeps the inputs for the sweep: none may be donated
+        kept = dict(params, donated_invars=(False,) * len(params["donated_invars"]))
+        outputs = _jax.bind_on(trace.parent, primitive, values, kept)
     return trace.record(primitive, params, values, slots, outputs, _compiled_call_rule)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dispatcher(closed: Any) -> Any:
+    """``jax.jit`` of a jitted call's body: called on arrays, it runs on JAX's C++ path."""
+    return jax.jit(_jax.jaxpr_as_fun(closed))
 
 
 def _compiled_call_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
@@ -111,11 +126,26 @@ def custom_jvp_call(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any,
                     tracers: Sequence[Any], symbolic_zeros: bool) -> list[Any]:
     """Primal outputs from the user's JVP, plus a node that transposes its tangent map."""
     values, in_slots = zip(*map(trace.unwrap, tracers))
+    params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
     if all(s is None for s in in_slots):
-        return _jax.bind_on(trace.parent, primitive, values,
-                            dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros))
-    linear = LinearTrace(trace.parent)
-    with _jax.set_current_trace(trace.parent):
+        return _jax.bind_on(trace.parent, primitive, values, params)
+    if _eager_fast_path(trace):
+        return _deferred_custom_jvp(trace, primitive, fun, jvp, values, in_slots, params)
+    tape, primals_out = _linearize(trace.parent, jvp, values, in_slots, symbolic_zeros)
+    return trace.record(primitive, {"name": _name_of(fun)}, values, in_slots,
+                        list(primals_out), _transpose_linear_tape, residuals=tape,
+                        multiple_results=True)
+
+
+def _name_of(fun: Any) -> str:
+    return getattr(getattr(fun, "debug_info", None), "func_name", None) or "custom_jvp"
+
+
+def _linearize(parent: Any, jvp: Any, values: Sequence[Any], in_slots: Sequence[Any],
+               symbolic_zeros: bool) -> tuple[Tape, list[Any]]:
+    """Run the user's JVP on ``values``: (tape of its tangent map, primal outputs)."""
+    linear = LinearTrace(parent)
+    with _jax.set_current_trace(parent):
         tangents = [linear.new_symbolic_input(_jax.aval_of(v).to_tangent_aval())
                     if s is not None else _zero_tangent(v, symbolic_zeros)
                     for v, s in zip(values, in_slots)]
@@ -129,10 +159,50 @@ def custom_jvp_call(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any,
     tape = Tape(linear.nodes, [t.slot if s is not None else None
                                for t, s in zip(tangents, in_slots)],
                 [linear.unwrap(t)[1] for t in tangents_out])
-    name = getattr(getattr(fun, "debug_info", None), "func_name", None) or "custom_jvp"
-    return trace.record(primitive, {"name": name}, values, in_slots,
-                        list(primals_out), _transpose_linear_tape, residuals=tape,
-                        multiple_results=True)
+    return tape, list(primals_out)
+
+
+def _deferred_custom_jvp(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any,
+                         values: Sequence[Any], in_slots: Sequence[Any], params: dict
+                         ) -> list[Any]:
+    """Eagerly: run only the primal function now (as JAX's eager evaluation does); the user's
+    JVP runs when the sweep reaches the node, so an eager forward pays nothing for it, and a
+    compiled sweep (:mod:`jaxprop.eager`) traces it once."""
+    outputs = _jax.bind_on(trace.parent, primitive, values, params)
+    rule_params = {"name": _name_of(fun), "jvp": _JvpRule(fun, jvp, params["symbolic_zeros"])}
+    return trace.record(primitive, rule_params, values, in_slots, outputs,
+                        _linearize_then_transpose, multiple_results=True)
+
+
+class _JvpRule:
+    """A custom JVP rule held in a node's params. Equal for calls of one ``custom_jvp``
+    function with the same static arguments (``fun`` compares its function and static
+    arguments, ``jvp.f`` is the user's rule), so tapes through it share a compiled sweep."""
+
+    __slots__ = ("fun", "jvp", "symbolic_zeros")
+
+    def __init__(self, fun: Any, jvp: Any, symbolic_zeros: bool) -> None:
+        self.fun, self.jvp, self.symbolic_zeros = fun, jvp, symbolic_zeros
+
+    def _key(self) -> tuple:
+        return (self.fun, self.jvp.f, self.symbolic_zeros)
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _JvpRule) and self._key() == other._key()
+
+    def __repr__(self) -> str:
+        return f"jvp={getattr(self.jvp.f, '__qualname__', self.jvp.f)}"
+
+
+def _linearize_then_transpose(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """custom_jvp (deferred): record the JVP's tangent map now, then ct_in = Jᵀ ct_out."""
+    rule: _JvpRule = node.params["jvp"]
+    tape, _ = _linearize(_jax.get_current_trace(), rule.jvp, node.inputs, node.in_slots,
+                         rule.symbolic_zeros)
+    return backward(tape.nodes, tape.out_slots, cts, tape.in_slots)
 
 
 def _zero_tangent(value: Any, symbolic_zeros: bool) -> Any:
