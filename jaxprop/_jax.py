@@ -12,6 +12,7 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import jax.core as _jcore
 import jax.extend.core as _xcore
 from jax._src import core as _core
@@ -106,6 +107,65 @@ def plain_jit_params(params: dict) -> bool:
             and all(isinstance(s, _UnspecifiedValue)
                     for s in (*params["in_shardings"], *params["out_shardings"]))
             and all(x is None for x in (*params["in_layouts"], *params["out_layouts"])))
+
+
+def jaxpr_key(closed: Any) -> Any:
+    """A hashable key equal for structurally identical (Closed)Jaxprs — the same equations,
+    params, wiring and types — so a program retraced from a fresh closure each call (a scan
+    body defined inside the loss) maps to one cache entry. Constants compare by identity.
+    None if a param is not hashable."""
+    try:
+        key = _jaxpr_key(closed)
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _jaxpr_key(closed: Any) -> tuple:
+    jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
+    names: dict[Any, int] = {}
+
+    def bind(v: Any) -> tuple:
+        names[v] = len(names)
+        return v.aval
+
+    def atom(v: Any) -> Any:
+        if isinstance(v, _xcore.Literal):
+            val = v.val
+            return ("lit", str(v.aval), val if isinstance(val, (int, float, bool, complex))
+                    else np.asarray(val).tobytes())
+        return names[v]
+
+    head = (tuple(bind(v) for v in jaxpr.constvars), tuple(bind(v) for v in jaxpr.invars),
+            tuple(_ById(c) for c in consts))
+    eqns = tuple((eqn.primitive, tuple((k, _param_key(p)) for k, p in eqn.params.items()),
+                  tuple(atom(v) for v in eqn.invars), tuple(bind(v) for v in eqn.outvars))
+                 for eqn in jaxpr.eqns)
+    return head, eqns, tuple(atom(v) for v in jaxpr.outvars)
+
+
+def _param_key(p: Any) -> Any:
+    if isinstance(p, (_xcore.ClosedJaxpr, _xcore.Jaxpr)):
+        return _jaxpr_key(p)
+    if isinstance(p, tuple):
+        return tuple(_param_key(x) for x in p)
+    return p
+
+
+class _ById:
+    """Compares (and hashes) by identity: a constant array inside a jaxpr key."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ById) and other.obj is self.obj
 
 
 def get_current_trace() -> Any:

@@ -3,7 +3,7 @@
 Without ``jax.jit`` every primitive is one dispatch. The forward pass has to run op by op —
 it is the user's Python — but the sweep is jaxprop's own code, a pure function of the tape's
 arrays and cotangents. So once a tape of one *structure* (the same primitives, params, wiring
-and rules; see :class:`~jaxprop.tracer.Tape`) has been swept :data:`WARMUP` times, further
+and rules; see :class:`~jaxprop.tracer.Tape`) has been swept :data:`WARMUP` time(s), further
 sweeps of that structure run as one XLA program: one dispatch instead of one or more per
 rule, with the rules' elementwise work fused. The result is the same sweep, traced once.
 
@@ -29,7 +29,7 @@ from jaxprop.tracer import Tape, inlining_forced
 
 __all__ = ["STATS", "WARMUP", "sweep"]
 
-WARMUP = 2  # sweeps of one structure run per node before it is compiled
+WARMUP = 1  # sweeps of one structure run per node before it is compiled
 _SEEN: collections.OrderedDict[Any, int] = collections.OrderedDict()  # structure -> sweeps
 _SEEN_MAX = 1024
 _FAILED: set[Any] = set()  # structures whose sweep cannot be traced (a rule needs values)

@@ -239,3 +239,45 @@ def test_user_jit_with_compiler_options_inside_eager_grad():
         got = jaxprop.grad(lambda x: jnp.sum(g(x * 1.0)))(x)
         want = jax.grad(lambda x: jnp.sum(jnp.sin(x) * x))(x)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_eager_scan_body_defined_inside_the_loss_is_traced_once():
+    """A scan body that is a fresh closure each call is one cached forward per structure."""
+    from jaxprop.rules import control
+
+    def loss(w, xs):
+        def cell(h, x):  # a new function object every call, as in most models
+            return jnp.tanh(h @ w + x), jnp.sum(h * x)
+        h, ys = lax.scan(cell, jnp.zeros(4), xs)
+        return h.sum() + ys.sum()
+
+    w = normal(4, 4)
+    loss(w, normal(6, 4))  # JAX's own tracing caches warm
+    before = len(control._FORWARDS)
+    for i in range(CALLS):
+        xs = normal(6, 4, seed=i)
+        assert_close(jaxprop.grad(loss)(w, xs), jax.grad(loss)(w, xs), rtol=1e-5)
+    assert len(control._FORWARDS) == before + 1
+
+
+def test_eager_scan_closing_over_python_constants():
+    w, xs = normal(3, 3), normal(5, 3, seed=1)
+    for scale in (0.5, 2.0, 0.5, 3.0):
+        def loss(w, xs):
+            step = lambda h, x: (jnp.sin(h @ w * scale + x), None)  # noqa: E731
+            return lax.scan(step, jnp.ones(3), xs)[0].sum()
+        for _ in range(CALLS):
+            assert_close(jaxprop.grad(loss)(w, xs), jax.grad(loss)(w, xs), rtol=1e-5)
+
+
+def test_jaxpr_keys_are_structural():
+    from jaxprop import _jax
+
+    def body(scale):
+        return jax.make_jaxpr(lambda x, y: jnp.sin(x * scale) @ y)(normal(2, 2), normal(2, 2))
+
+    assert body(2.0) is not body(2.0)
+    assert _jax.jaxpr_key(body(2.0)) == _jax.jaxpr_key(body(2.0))
+    assert _jax.jaxpr_key(body(2.0)) != _jax.jaxpr_key(body(3.0))
+    other = jax.make_jaxpr(lambda x, y: jnp.cos(x * 2.0) @ y)(normal(2, 2), normal(2, 2))
+    assert _jax.jaxpr_key(other) != _jax.jaxpr_key(body(2.0))

@@ -133,31 +133,88 @@ def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
         return scan(trace, primitive, [*invariants, *tracers],
                     dict(params, jaxpr=body, num_consts=len(invariants) + n_c))
     values, slots = zip(*map(trace.unwrap, tracers))
-    diff = _scan_diff(closed.jaxpr, slots, n_c, n_k)
+    diff = tuple(_scan_diff(closed.jaxpr, slots, n_c, n_k))
+    compiled = _compiled_forward(trace, values, diff, params)
+    if compiled is not None:  # eagerly: one cached program per body structure
+        try:
+            carry, ys, stacked, fixed_arrays = compiled(values)
+        except Exception:  # noqa: BLE001 - a body it cannot stage: run it uncompiled
+            _FORWARDS[compiled.key] = compiled = None
+    if compiled is not None:
+        fixed, closed = compiled.static, compiled.closed
+    else:
+        with _jax.set_current_trace(trace.parent):
+            fixed, (carry, ys, stacked, fixed_arrays) = _scan_forward(
+                closed, values, diff, params,
+                prune=not any(isinstance(v, _jax.Tracer) for v in values))
+    info = dict(params, jaxpr=closed, diff=diff, layout=fixed["layout"], dead=fixed["dead"])
+    return trace.record(primitive, info, values, slots, [*carry, *ys], _scan_rule,
+                        residuals=(stacked, fixed_arrays))
+
+
+def _scan_forward(closed: Any, values: Sequence[Any], diff: tuple, params: dict, prune: bool
+                  ) -> tuple[dict, tuple]:
+    """The forward scan, each step on its own tape: (static layout info, (carry, ys, stacked
+    residuals, arrays the steps' tapes share)). ``prune``: do not stack residuals that no rule
+    reads (under an outer jit, XLA's DCE removes them anyway)."""
+    n_c, n_k = params["num_consts"], params["num_carry"]
     consts = values[:n_c]
     captured: dict = {}
-    eager = not any(isinstance(v, _jax.Tracer) for v in values)
 
     def step(carry: list, xs: list) -> tuple:
         """One step on its own tape; per-step arrays are stacked, the rest kept once."""
         step_trace = _jax.get_current_trace()
         outs, tape = _traced_vjp(closed, [*consts, *carry, *xs], diff)
         layout, residuals, fixed = _Layout.of(tape, step_trace, xs)  # xs: read, not stacked
-        # Eagerly nothing removes arrays the backward never reads (under jit, JAX's DCE does):
-        # find them from the jaxpr of one backward step and do not stack them.
-        live = (_live_residuals(layout, residuals, xs, fixed, outs) if eager
+        live = (_live_residuals(layout, residuals, xs, fixed, outs) if prune
                 else [True] * len(residuals))
         captured.update(layout=layout, fixed=fixed, dead=tuple(
             None if keep else _jax.aval_of(r) for r, keep in zip(residuals, live)))
         return outs[:n_k], (outs[n_k:], [r for r, keep in zip(residuals, live) if keep])
 
-    with _jax.set_current_trace(trace.parent):
-        carry, (ys, stacked) = lax.scan(step, list(values[n_c:n_c + n_k]),
-                                        list(values[n_c + n_k:]), length=params["length"],
-                                        reverse=params["reverse"], unroll=params["unroll"])
-    info = dict(params, diff=tuple(diff), layout=captured["layout"], dead=captured["dead"])
-    return trace.record(primitive, info, values, slots, [*carry, *ys], _scan_rule,
-                        residuals=(stacked, captured["fixed"]))
+    carry, (ys, stacked) = lax.scan(step, list(values[n_c:n_c + n_k]),
+                                    list(values[n_c + n_k:]), length=params["length"],
+                                    reverse=params["reverse"], unroll=params["unroll"])
+    fixed = captured.pop("fixed")
+    return captured, (carry, ys, stacked, fixed)
+
+
+class _CompiledForward:
+    """An eager scan's forward as one jitted program, traced once per body structure (JAX's
+    eager scan retraces and recompiles a body defined inside the loss on every call)."""
+
+    def __init__(self, key: Any, closed: Any, diff: tuple, params: dict) -> None:
+        self.key, self.closed, self.static = key, closed, None
+
+        def forward(values: list) -> tuple:
+            self.static, arrays = _scan_forward(closed, values, diff, params, prune=True)
+            return arrays
+
+        self._fn = jax.jit(forward)
+
+    def __call__(self, values: Sequence[Any]) -> tuple:
+        return self._fn(list(values))
+
+
+_FORWARDS: dict[Any, _CompiledForward | None] = {}
+
+
+def _compiled_forward(trace: JaxpropTrace, values: Sequence[Any], diff: tuple, params: dict
+                      ) -> _CompiledForward | None:
+    """The cached compiled forward for this scan when recording eagerly, else None."""
+    if (type(trace) is not JaxpropTrace or not _jax.is_eager(trace.parent)
+            or any(isinstance(v, _jax.Tracer) for v in values)):
+        return None
+    body = _jax.jaxpr_key(params["jaxpr"])
+    if body is None:
+        return None
+    static = tuple((k, v) for k, v in params.items() if k != "jaxpr")
+    key = (body, diff, static, tuple(_jax.aval_of(v) for v in values))
+    if key not in _FORWARDS:
+        if len(_FORWARDS) > 256:
+            _FORWARDS.clear()
+        _FORWARDS[key] = _CompiledForward(key, params["jaxpr"], diff, params)
+    return _FORWARDS[key]
 
 
 def _unrolled_scan(trace: LinearTrace, closed: Any, tracers: Sequence[Any], params: dict
