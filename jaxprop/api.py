@@ -75,6 +75,14 @@ def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: A
     return tuple(tree_unflatten(in_tree, sweep(tape, ct_leaves, in_specs)))
 
 
+@functools.lru_cache(maxsize=None)
+def _unit(dtype: Any) -> Any:
+    """The scalar 1 of ``dtype``: the seed cotangent of a scalar loss (one concrete array,
+    made once, even when first asked for under a transform)."""
+    with jax.ensure_compile_time_eval():
+        return jnp.ones((), dtype)
+
+
 # -- public API ---------------------------------------------------------------------------
 def vjp(fun: Callable, *primals: Any, has_aux: bool = False, reduce_axes: Sequence = ()
         ) -> tuple[Any, Callable] | tuple[Any, Callable, Any]:
@@ -114,8 +122,7 @@ def value_and_grad(fun: Callable, argnums: Argnums = 0, has_aux: bool = False,
 
         out, pullback, aux = _trace(partial_fun, chosen, has_aux)
         _check_scalar_output(out, holomorphic)
-        seed = jnp.ones((), _jax.aval_of(out).dtype)
-        grads = pullback(seed)
+        grads = pullback(_unit(_jax.aval_of(out).dtype))
         grads = grads[0] if isinstance(argnums, int) else grads
         return ((out, aux), grads) if has_aux else (out, grads)
 

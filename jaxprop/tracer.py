@@ -24,7 +24,15 @@ from jaxprop.registry import Node, NodeRule, lookup, missing_rule_error, zero_ru
 def is_differentiable(aval: Any) -> bool:
     """Floating and complex values carry gradients; integers, booleans, keys do not."""
     dtype = getattr(aval, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+    if dtype is None:
+        return False
+    known = _INEXACT.get(dtype)
+    if known is None:
+        known = _INEXACT[dtype] = bool(jnp.issubdtype(dtype, jnp.inexact))
+    return known
+
+
+_INEXACT: dict[Any, bool] = {}
 
 
 class JaxpropTracer(_jax.Tracer):
@@ -33,8 +41,8 @@ class JaxpropTracer(_jax.Tracer):
     __slots__ = ("value", "slot")
     perturbed = True  # jax.closure_convert hoists it into an argument (see _jax)
 
-    def __init__(self, trace: JaxpropTrace, value: Any, slot: int) -> None:
-        super().__init__(trace, _jax.aval_of(value))
+    def __init__(self, trace: JaxpropTrace, value: Any, slot: int, aval: Any = None) -> None:
+        super().__init__(trace, _jax.aval_of(value) if aval is None else aval)
         self.value = value
         self.slot = slot
 
@@ -78,10 +86,10 @@ class JaxpropTrace(_jax.Trace):
         self.requires_low = True
 
     # -- values ---------------------------------------------------------------------------
-    def new_input(self, value: Any) -> JaxpropTracer:
-        """A fresh differentiated input holding ``value``."""
+    def new_input(self, value: Any, aval: Any = None) -> JaxpropTracer:
+        """A fresh differentiated input holding ``value`` (of type ``aval``, if known)."""
         self._slots += 1
-        return JaxpropTracer(self, value, self._slots)
+        return JaxpropTracer(self, value, self._slots, aval)
 
     def unwrap(self, x: Any) -> tuple[Any, int | None]:
         """(parent-level value, slot) of ``x``; slot None for constants of this trace."""
@@ -91,8 +99,9 @@ class JaxpropTrace(_jax.Trace):
 
     def wrap(self, value: Any) -> tuple[Any, int | None]:
         """Wrap a parent-level output: a tracer if it is floating point, else the value."""
-        if is_differentiable(_jax.aval_of(value)):
-            tracer = self.new_input(value)
+        aval = _jax.aval_of(value)
+        if is_differentiable(aval):
+            tracer = self.new_input(value, aval)
             return tracer, tracer.slot
         return value, None
 
@@ -287,29 +296,31 @@ class _Skeleton:
     pullback of that structure. A skeleton with unhashable params compares by identity, like
     a fresh ``jax.vjp`` pullback."""
 
-    __slots__ = ("value", "_key")
+    __slots__ = ("value", "_key", "_hash")
 
     def __init__(self, value: Any) -> None:
         self.value = value
         self._key: Any = _UNSET
+        self._hash = 0
 
     @property
     def key(self) -> Any:
         """A hashable description of the structure, or None when a param is not hashable."""
         if self._key is _UNSET:
             self._key = _structure_key(self.value)
+            self._hash = hash(self._key) if self._key is not None else id(self)
         return self._key
 
     def __hash__(self) -> int:
-        key = self.key
-        return hash(key) if key is not None else id(self)
+        self.key  # noqa: B018 - computes the hash
+        return self._hash
 
     def __eq__(self, other: object) -> bool:
         if self is other:
             return True
-        if not isinstance(other, _Skeleton) or self.key is None:
+        if not isinstance(other, _Skeleton) or self.key is None or other.key is None:
             return False
-        return self.key == other.key
+        return self._hash == other._hash and self._key == other._key
 
 
 _UNSET = object()
@@ -326,10 +337,28 @@ def _structure_key(value: Any) -> Any:
     return key
 
 
-def _freeze(params: dict) -> tuple:
-    """``params`` as a hashable tuple; TypeError if a value is not hashable (arrays, lists)."""
-    items = tuple(sorted(params.items()))
-    for _, v in items:
-        if isinstance(v, (np.ndarray, jax.Array)):
-            raise TypeError("array-valued param")
-    return items
+class _Frozen:
+    """A node's params, hashable: hashed once, compared by hash first. Items keep the dict's
+    order (a primitive's params are always built in one order; another order only misses a
+    cache)."""
+
+    __slots__ = ("items", "_hash")
+
+    def __init__(self, params: dict) -> None:
+        self.items = tuple(params.items())
+        for _, v in self.items:
+            if isinstance(v, (np.ndarray, jax.Array)):
+                raise TypeError("array-valued param")
+        self._hash = hash(self.items)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, _Frozen) and self._hash == other._hash
+                                 and self.items == other.items)
+
+
+def _freeze(params: dict) -> _Frozen:
+    """``params`` as a hashable value; TypeError if a value is not hashable (arrays, lists)."""
+    return _Frozen(params)

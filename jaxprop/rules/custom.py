@@ -179,19 +179,19 @@ class _JvpRule:
     function with the same static arguments (``fun`` compares its function and static
     arguments, ``jvp.f`` is the user's rule), so tapes through it share a compiled sweep."""
 
-    __slots__ = ("fun", "jvp", "symbolic_zeros")
+    __slots__ = ("fun", "jvp", "symbolic_zeros", "_key", "_hash")
 
     def __init__(self, fun: Any, jvp: Any, symbolic_zeros: bool) -> None:
         self.fun, self.jvp, self.symbolic_zeros = fun, jvp, symbolic_zeros
-
-    def _key(self) -> tuple:
-        return (self.fun, self.jvp.f, self.symbolic_zeros)
+        self._key = (fun, jvp.f, symbolic_zeros)
+        self._hash = hash(self._key)
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _JvpRule) and self._key() == other._key()
+        return self is other or (isinstance(other, _JvpRule) and self._hash == other._hash
+                                 and self._key == other._key)
 
     def __repr__(self) -> str:
         return f"jvp={getattr(self.jvp.f, '__qualname__', self.jvp.f)}"
