@@ -184,13 +184,15 @@ class _JvpRule:
     def __init__(self, fun: Any, jvp: Any, symbolic_zeros: bool) -> None:
         self.fun, self.jvp, self.symbolic_zeros = fun, jvp, symbolic_zeros
         self._key = (fun, jvp.f, symbolic_zeros)
-        self._hash = hash(self._key)
+        self._hash: int | None = None
 
-    def __hash__(self) -> int:
+    def __hash__(self) -> int:  # TypeError for unhashable static arguments: not cacheable
+        if self._hash is None:
+            self._hash = hash(self._key)
         return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return self is other or (isinstance(other, _JvpRule) and self._hash == other._hash
+        return self is other or (isinstance(other, _JvpRule) and hash(self) == hash(other)
                                  and self._key == other._key)
 
     def __repr__(self) -> str:
