@@ -23,8 +23,8 @@ def unbroadcast(ct: Any, x: Any) -> Any:
         lead = ct.ndim - len(shape)
         axes = tuple(range(lead)) + tuple(
             lead + i for i, d in enumerate(shape) if d == 1 and ct.shape[lead + i] != 1)
-        ct = ct.sum(axis=axes) if axes else ct
-        ct = ct.reshape(shape)
+        ct = lax.reduce_sum(ct, axes) if axes else ct
+        ct = lax.reshape(ct, shape) if ct.shape != shape else ct
     return convert_like(ct, aval.dtype)
 
 

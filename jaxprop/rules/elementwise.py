@@ -141,11 +141,13 @@ defvjp("nextafter", lambda ct, out, x, y: ub(ct, x), None)
 
 
 def _select_case(i):
-    """select_n(p, c0, c1, …) routes ct to case p: ct where p == i, else 0."""
+    """select_n(p, c0, c1, …) routes ct to case p: ct where p == i, else 0 — the same
+    selector applied to (0, …, ct, …, 0)."""
     def rule(ct, out, pred, *cases):
         k = i - 1
-        hit = pred == k if pred.dtype != jnp.bool_ else (pred if k == 1 else ~pred)
-        return ub(jnp.where(hit, ct, jnp.zeros_like(ct)), cases[k])
+        zeros = lax.full_like(ct, 0)
+        return ub(lax.select_n(pred, *(ct if j == k else zeros for j in range(len(cases)))),
+                  cases[k])
     return rule
 
 
