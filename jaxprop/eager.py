@@ -29,7 +29,7 @@ from jaxprop.tracer import Tape, inlining_forced
 
 __all__ = ["STATS", "WARMUP", "sweep"]
 
-WARMUP = 1  # sweeps of one structure run per node before it is compiled
+WARMUP = 2  # sweeps of one structure run per node before it is compiled
 _SEEN: collections.OrderedDict[Any, int] = collections.OrderedDict()  # structure -> sweeps
 _SEEN_MAX = 1024
 _FAILED: set[Any] = set()  # structures whose sweep cannot be traced (a rule needs values)
