@@ -67,3 +67,29 @@ def test_quick_all_workloads(tmp_path):
     assert report["extras"]["roofline"]["gflops"] > 0
     for name, r in report["extras"]["frameworks"].items():  # optional: skipped when absent
         assert r.get("error") == "not installed" or r["ratio"] > 0, (name, r)
+
+
+def _instructions(compiled) -> list[str]:
+    """The optimized HLO's instructions, names and metadata stripped, in sorted order."""
+    import re
+    lines = [re.sub(r"%[\w.\-]+", "%", re.sub(r", metadata=\{[^}]*\}", "", line))
+             for line in compiled.as_text().splitlines() if re.search(r" = \S+ \w+\(", line)]
+    return sorted(lines)
+
+
+@pytest.mark.parametrize("name", ["mlp_small", "deep_mlp"])
+def test_mlp_step_is_jax_grads_program(name):
+    """The jit-compiled SGD step of an MLP is instruction for instruction jax.grad's: same
+    step time by construction (the benchmark's ratios around 1.00 there are noise)."""
+    import jax
+    import optax
+
+    import jaxprop
+    bench = load_benchmark()
+    w = bench.MAKERS[name](True, jax.random.PRNGKey(0))
+    opt = optax.sgd(0.1)
+    state = opt.init(w.params)
+    programs = [_instructions(jax.jit(bench.make_step(w, grad, opt))
+                              .lower(w.params, state, w.batch).compile())
+                for grad in (jax.grad, jaxprop.grad)]
+    assert programs[0] == programs[1]
