@@ -1,4 +1,6 @@
-"""Models others wrote (Flax linen, Equinox): jit(jaxprop.grad) equals jax.grad."""
+"""Models others wrote (Flax linen, Equinox): jaxprop.grad equals jax.grad, under jit and
+eagerly on every call (the eager fast paths: compiled sweeps, deferred custom JVPs, cached
+scans)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,15 @@ def both_grads(loss, *args):
     ours = jax.jit(jaxprop.grad(loss))(*args)
     theirs = jax.jit(jax.grad(loss))(*args)
     return ours, theirs
+
+
+def assert_eager_grads_match(loss, *args, calls=jaxprop.eager.WARMUP + 2):
+    """Eagerly, the first (per node) and later (compiled sweep) calls all equal jax.grad."""
+    theirs = jax.grad(loss)(*args)
+    compiled = jaxprop.eager.STATS["compiled"]
+    for _ in range(calls):
+        assert_trees_close(jaxprop.grad(loss)(*args), theirs)
+    assert jaxprop.eager.STATS["compiled"] > compiled
 
 
 # -- Flax linen ---------------------------------------------------------------------------
@@ -52,6 +63,7 @@ def test_flax_cnn_batchnorm_dropout():
         return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
     assert_trees_close(*both_grads(loss, variables["params"], variables["batch_stats"], x, y))
+    assert_eager_grads_match(loss, variables["params"], variables["batch_stats"], x, y)
 
 
 class Block(nn.Module):
@@ -90,6 +102,7 @@ def test_flax_transformer_scan_remat():
             logits, tokens[..., None], -1)[..., 0])
 
     assert_trees_close(*both_grads(loss, params, tokens))
+    assert_eager_grads_match(loss, params, tokens)
 
 
 # -- Equinox --------------------------------------------------------------------------------
@@ -104,10 +117,17 @@ def eqx_grads(model, x, y):
     return both_grads(loss, params, x, y)
 
 
+def eqx_eager(model, x, y):
+    params, static = eqx.partition(model, eqx.is_array)
+    loss = lambda p, x, y: eqx_loss(eqx.combine(p, static), x, y)
+    assert_eager_grads_match(loss, params, x, y)
+
+
 def test_equinox_mlp():
     model = eqx.nn.MLP(3, 2, 16, 2, activation=jax.nn.silu, key=jax.random.key(0))
     x, y = jax.random.normal(jax.random.key(1), (5, 3)), jnp.ones((5, 2))
     assert_trees_close(*eqx_grads(model, x, y))
+    eqx_eager(model, x, y)
 
 
 def test_equinox_conv():
@@ -138,3 +158,4 @@ def test_equinox_lstm_scan():
     model = LSTMModel(eqx.nn.LSTMCell(3, 8, key=k1), eqx.nn.Linear(8, 2, key=k2))
     x, y = jax.random.normal(jax.random.key(1), (4, 7, 3)), jnp.ones((4, 2))
     assert_trees_close(*eqx_grads(model, x, y))
+    eqx_eager(model, x, y)
