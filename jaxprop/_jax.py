@@ -17,6 +17,7 @@ import jax.core as _jcore
 import jax.extend.core as _xcore
 from jax._src import core as _core
 from jax._src import source_info_util as _source_info
+from jax._src.interpreters.batching import BatchTrace as _BatchTrace
 from jax._src.ad_util import SymbolicZero, Zero
 from jax._src.lib import xla_client as _xla_client
 from jax._src.sharding_impls import UnspecifiedValue as _UnspecifiedValue
@@ -246,6 +247,14 @@ MARKERS: set[str] = set()
 
 def is_eager(trace: Any) -> bool:
     """Whether ``trace`` evaluates eagerly (concrete values, one dispatch per primitive)."""
+    return isinstance(trace, _core.EvalTrace)
+
+
+def is_dispatching(trace: Any) -> bool:
+    """Whether ``trace`` runs each primitive as it comes: eager evaluation, possibly under
+    ``jax.vmap`` (batching traces over eager). Nothing compiles such code as a whole."""
+    while isinstance(trace, _BatchTrace):
+        trace = trace.parent_trace
     return isinstance(trace, _core.EvalTrace)
 
 

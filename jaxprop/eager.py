@@ -71,7 +71,7 @@ def zeros(spec: jax.ShapeDtypeStruct) -> Any:
 
 def _compile_key(tape: Tape) -> Any:
     """The tape's structure key if its sweep should run compiled now, else None."""
-    if (not _jax.is_eager(_jax.get_current_trace()) or inlining_forced() or OVERRIDES
+    if (not _jax.is_dispatching(_jax.get_current_trace()) or inlining_forced() or OVERRIDES
             or not tape.nodes):
         return None
     key = tape.skeleton().key

@@ -281,3 +281,16 @@ def test_jaxpr_keys_are_structural():
     assert _jax.jaxpr_key(body(2.0)) != _jax.jaxpr_key(body(3.0))
     other = jax.make_jaxpr(lambda x, y: jnp.cos(x * 2.0) @ y)(normal(2, 2), normal(2, 2))
     assert _jax.jaxpr_key(other) != _jax.jaxpr_key(body(2.0))
+
+
+def test_per_example_gradients_under_eager_vmap_compile_the_sweep():
+    """vmap over eager code still runs op by op: the sweep is compiled (and batched) there too,
+    and jitted helpers dispatch as one node on batched values."""
+    params = mlp_params()
+    xs = normal(6, 4, 5)
+    per_example = lambda g: jax.vmap(g(mlp_loss), in_axes=(None, 0))  # noqa: E731
+    expected = per_example(jax.grad)(params, xs)
+    before = sweeps("compiled")
+    for _ in range(CALLS):
+        assert_close(per_example(jaxprop.grad)(params, xs), expected, rtol=1e-5)
+    assert sweeps("compiled") > before

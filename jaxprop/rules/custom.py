@@ -51,7 +51,7 @@ def _compile_as_one_node(trace: JaxpropTrace, closed: Any) -> bool:
 
 def _eager_fast_path(trace: JaxpropTrace) -> bool:
     """Recording eagerly, with nothing asking to see every primitive."""
-    return (type(trace) is JaxpropTrace and _jax.is_eager(trace.parent)
+    return (type(trace) is JaxpropTrace and _jax.is_dispatching(trace.parent)
             and not inlining_forced() and not OVERRIDES)
 
 
@@ -69,7 +69,8 @@ def _compiled_call(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any],
     """Bind the whole call on the parent; the node's rule is a cached, jitted VJP of it."""
     values, slots = zip(*map(trace.unwrap, tracers))
     if _jax.plain_jit_params(params):  # JAX's C++ dispatch: no per-call Python bookkeeping
-        outputs = _dispatcher(params["jaxpr"])(*values)
+        with _jax.set_current_trace(trace.parent):
+            outputs = _dispatcher(params["jaxpr"])(*values)
     else:  # the tape keeps the inputs for the sweep: none may be donated
         kept = dict(params, donated_invars=(False,) * len(params["donated_invars"]))
         outputs = _jax.bind_on(trace.parent, primitive, values, kept)
