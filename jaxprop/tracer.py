@@ -129,6 +129,11 @@ class JaxpropTrace(_jax.Trace):
         if special is not None:
             return special(self, primitive, tracers, params)
         outputs = _jax.bind_on(self.parent, primitive, values, params)
+        return self.record_applied(primitive, params, values, slots, outputs)
+
+    def record_applied(self, primitive: Any, params: dict, values: Sequence[Any],
+                       slots: Sequence[int | None], outputs: Any) -> Any:
+        """Record ``outputs = primitive(*values)``, already computed, with its VJP rule."""
         outs = outputs if primitive.multiple_results else (outputs,)
         if not any(is_differentiable(_jax.aval_of(o)) for o in outs):
             return outputs  # comparisons, argmax, iota …: nothing to differentiate

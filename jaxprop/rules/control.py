@@ -9,8 +9,9 @@
   the branches not taken); the backward is a ``lax.switch`` over the branches' sweeps.
 - ``while``: reverse mode needs the trip count, so the loop runs step by step while its
   predicate is concrete (eagerly); under ``jax.jit`` a clear error suggests ``lax.scan``.
-- ``remat2`` (``jax.checkpoint``): one node that saves only its inputs; its backward recomputes
-  the forward on a fresh tape and sweeps it.
+- ``remat2`` (``jax.checkpoint``): one node that saves its inputs and, with a checkpoint
+  ``policy``, the outputs of the equations the policy saves; its backward recomputes the rest
+  of the forward on a fresh tape and sweeps it.
 - pass-through: ``optimization_barrier``, ``device_put`` and ``name`` hand ct through; debug
   callbacks have no outputs (nothing to differentiate); ``pure_callback`` has no derivative
   (clear error).
@@ -36,8 +37,8 @@ from jaxprop.registry import Cotangent, Node, defvjp, noderule
 from jaxprop.rules._util import convert_like
 from jaxprop.rules.custom import eval_on, inline_call
 from jaxprop.sweep import backward
-from jaxprop.tracer import (JaxpropTrace, LinearTrace, Tape, handler, is_differentiable,
-                            run_traced)
+from jaxprop.tracer import (HANDLERS, JaxpropTrace, LinearTrace, Tape, handler,
+                            is_differentiable, run_traced)
 
 __all__ = ["WhileLoopError", "cond", "remat", "scan", "while_loop"]
 
@@ -465,23 +466,99 @@ def _traced_while(trace: JaxpropTrace, primitive: Any, tracers: list, params: di
 # -- remat2 (jax.checkpoint) ------------------------------------------------------------------
 @handler("remat2", "checkpoint")
 def remat(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
-    """jax.checkpoint(f)(x): one node that keeps only x (and f's outputs)."""
+    """jax.checkpoint(f)(x): one node that keeps x, f's outputs and — with a ``policy`` — the
+    outputs of the equations the policy calls saveable (``dots_saveable``,
+    ``save_only_these_names`` …); the backward recomputes only the rest."""
     if isinstance(trace, LinearTrace):  # a tangent map keeps nothing anyway: inline it
         return eval_on(trace, params["jaxpr"], tracers)
     values, slots = zip(*map(trace.unwrap, tracers))
-    outs = _jax.bind_on(trace.parent, primitive, values, params)
-    return trace.record(primitive, params, values, slots, outs, _remat_rule)
+    if params.get("policy") is None:
+        outs = _jax.bind_on(trace.parent, primitive, values, params)
+        return trace.record(primitive, params, values, slots, outs, _remat_rule)
+    saved: list = []
+    with _jax.set_current_trace(trace.parent):
+        outs = _eval_saving(params["jaxpr"], values, params["policy"], saved)
+    return trace.record(primitive, params, values, slots, outs, _remat_rule,
+                        residuals=saved, multiple_results=True)
 
 
 def _remat_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
-    """ct_x = vjp(f)(x)(ct), with f's forward recomputed here from the saved inputs."""
+    """ct_x = vjp(f)(x)(ct), with f's forward recomputed here from the saved inputs (and the
+    saved outputs of the equations the policy kept, which are not recomputed)."""
     values = list(node.inputs)
+    saved = list(node.residuals)
     if node.params.get("prevent_cse", True) and values:
         values = list(lax.optimization_barrier(tuple(values)))  # XLA must not reuse the forward
     diff = [s is not None for s in node.in_slots]
-    _, tape = _traced_vjp(node.params["jaxpr"], values, diff)
+    closed, policy = node.params["jaxpr"], node.params.get("policy")
+    if policy is None:
+        _, tape = _traced_vjp(closed, values, diff)
+    else:
+        replay = iter(saved)
+        trace, tracers, outs = run_traced(
+            lambda *d: _eval_saving(closed, _merge(values, diff, d), policy, replay),
+            [v for v, d in zip(values, diff) if d])
+        tape = Tape(trace.nodes, [t.slot for t in tracers], [trace.unwrap(o)[1] for o in outs])
     in_cts = iter(backward(tape.nodes, tape.out_slots, list(cts), tape.in_slots))
     return [next(in_cts) if d else None for d in diff]
+
+
+def _eval_saving(closed: Any, args: Sequence[Any], policy: Callable, saved: Any) -> list[Any]:
+    """Evaluate ``closed`` equation by equation on the current trace (inlining nested jit
+    calls). Forward (``saved`` a list): append the outputs of each equation ``policy`` saves.
+    Backward (``saved`` an iterator over that list): those equations are not recomputed —
+    their saved outputs are used, and recorded on the tape as the equations' outputs, so their
+    rules still run."""
+    jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
+    env: dict = {}
+    read = lambda v: v.val if isinstance(v, _xcore.Literal) else env[v]  # noqa: E731
+    for v, x in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args]):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        if eqn.primitive.name in ("jit", "pjit", "closed_call"):
+            outs = _eval_saving(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")), ins,
+                                policy, saved)
+        elif _saveable(policy, eqn):
+            outs = _saved_outputs(eqn, ins, saved)
+        else:
+            outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        for v, x in zip(eqn.outvars, outs):
+            env[v] = x
+    return [jnp.asarray(read(v), v.aval.dtype) if isinstance(v, _xcore.Literal) else read(v)
+            for v in jaxpr.outvars]
+
+
+def _saveable(policy: Callable, eqn: Any) -> bool:
+    """Whether ``policy`` keeps this equation's outputs (JAX's answers: a bool, Saveable,
+    Offloadable — kept on device here — or Recompute)."""
+    if eqn.primitive.name in HANDLERS or eqn.primitive.name.startswith("custom_"):
+        return False  # sub-programs (scan, cond, custom rules …) are recomputed
+    decision = policy(eqn.primitive, *[v.aval for v in eqn.invars], **eqn.params)
+    if isinstance(decision, bool):
+        return decision
+    return type(decision).__name__ in ("SaveableType", "Offloadable")
+
+
+def _saved_outputs(eqn: Any, ins: list, saved: Any) -> list[Any]:
+    """Forward: compute and keep the outputs. Backward: take them from the forward, and record
+    the equation on the current jaxprop trace with those outputs (so its rule runs)."""
+    if isinstance(saved, list):
+        outs = eqn.primitive.bind(*ins, **eqn.params)
+        outs = list(outs) if eqn.primitive.multiple_results else [outs]
+        saved.extend(outs)
+        return outs
+    kept = [next(saved) for _ in eqn.outvars]
+    trace = _jax.get_current_trace()
+    if not isinstance(trace, JaxpropTrace):
+        return kept
+    values, slots = zip(*map(trace.unwrap, ins)) if ins else ((), ())
+    if all(s is None for s in slots):
+        return kept
+    outs = trace.record_applied(eqn.primitive, eqn.params, values, slots,
+                                kept if eqn.primitive.multiple_results else kept[0])
+    return list(outs) if eqn.primitive.multiple_results else [outs]
 
 
 # -- pass-through ---------------------------------------------------------------------------
