@@ -7,9 +7,12 @@ and rules; see :class:`~jaxprop.tracer.Tape`) has been swept :data:`WARMUP` time
 sweeps of that structure run as one XLA program: one dispatch instead of one or more per
 rule, with the rules' elementwise work fused. The result is the same sweep, traced once.
 
-The sweep stays per node, as written, when user Python runs inside it or must see it: tapes
-holding hooks or tags, sweeps inside :func:`~jaxprop.inlining` (explain, the NaN search) or
-an ``override`` block, and sweeps under a transform (``jax.jit`` already compiles them).
+The same holds under ``jax.vmap`` of eager code (the compiled sweep is batched). The sweep
+stays per node, as written, when user Python runs inside it or must see it: tapes holding
+hooks or tags, ``custom_vjp`` backward functions (their nodes never compare equal), sweeps
+inside :func:`~jaxprop.inlining` (explain, the NaN search) or an ``override`` block, and
+sweeps under ``jax.jit`` or another jaxprop trace (there they are compiled with the rest).
+A rule that needs concrete values makes its structure fall back to per node, once.
 """
 
 from __future__ import annotations
