@@ -8,7 +8,8 @@
   in ``t_in``; jaxprop records that linear map on an inner tape without evaluating it (a
   :class:`~jaxprop.tracer.LinearTrace`) and its VJP is the reverse sweep of that tape:
   ``ct_in = Jᵀ ct_out``. (Differentiating ``call_jaxpr`` instead would be
-  wrong at relu(0), softplus, xlogy(0, 0) …)
+  wrong at relu(0), softplus, xlogy(0, 0) …) Eagerly the forward runs only the function and
+  the JVP is linearised when the sweep reaches the node.
 - ``custom_vjp_call``: call the user's ``fwd`` (keeping its residuals) and, in the sweep, the
   user's ``bwd``.
 """
@@ -125,7 +126,9 @@ def eval_on(trace: Any, closed: Any, args: Sequence[Any]) -> list[Any]:
 # -- custom_jvp ----------------------------------------------------------------------------
 def custom_jvp_call(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any,
                     tracers: Sequence[Any], symbolic_zeros: bool) -> list[Any]:
-    """Primal outputs from the user's JVP, plus a node that transposes its tangent map."""
+    """Primal outputs plus a node that transposes the user's tangent map: recorded now under
+    a transform (primals from the JVP rule), deferred to the sweep when eager (primals from
+    the function itself, one dispatch)."""
     values, in_slots = zip(*map(trace.unwrap, tracers))
     params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
     if all(s is None for s in in_slots):
