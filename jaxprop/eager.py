@@ -22,13 +22,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jaxprop import _jax
 from jaxprop.registry import OVERRIDES, Cotangent
 from jaxprop.sweep import backward
-from jaxprop.tracer import Tape, inlining_forced
+from jaxprop.tracer import Tape, inlining_forced, zeros_of
 
 __all__ = ["STATS", "WARMUP", "sweep"]
 
@@ -44,32 +42,25 @@ def sweep(tape: Tape, out_cts: Sequence[Cotangent], in_specs: Sequence[Any]) -> 
 
     Compiled per tape structure when eager; see the module docstring.
     """
-    key = _compile_key(tape)
+    key, in_specs = _compile_key(tape), tuple(in_specs)
     if key is not None:
         try:
-            result = list(_compiled(tape, list(out_cts), tuple(in_specs)))
+            result = list(_compiled(tape, list(out_cts), in_specs))
         except Exception:  # noqa: BLE001 - a rule that reads values: sweep per node instead
             _FAILED.add(key)
         else:
             STATS["compiled"] += 1
             return result
     STATS["per_node"] += 1
-    return _sweep_filled(tape, out_cts, tuple(in_specs))
+    return _sweep_filled(tape, out_cts, in_specs)
 
 
 def _sweep_filled(tape: Tape, out_cts: Sequence[Cotangent], in_specs: tuple) -> list[Any]:
     in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
-    return [zeros(spec) if ct is None else ct for ct, spec in zip(in_cts, in_specs)]
+    return [zeros_of(spec) if ct is None else ct for ct, spec in zip(in_cts, in_specs)]
 
 
 _compiled = jax.jit(_sweep_filled, static_argnums=2)
-
-
-def zeros(spec: jax.ShapeDtypeStruct) -> Any:
-    """The zero cotangent of a value of type ``spec`` (float0 for integers and booleans)."""
-    if jnp.issubdtype(spec.dtype, jnp.inexact):
-        return jnp.zeros(spec.shape, spec.dtype)
-    return np.zeros(spec.shape, _jax.float0)
 
 
 def _compile_key(tape: Tape) -> Any:

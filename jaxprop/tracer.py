@@ -251,10 +251,15 @@ def run_traced(fun: Callable[..., Any], values: Sequence[Any], *,
 
 def zeros_like_value(value: Any) -> Any:
     """Zeros with ``value``'s shape and tangent dtype (float0 for integers and booleans)."""
-    aval = _jax.aval_of(value)
-    if is_differentiable(aval):
-        return jnp.zeros(aval.shape, aval.dtype)
-    return np.zeros(aval.shape, _jax.float0)
+    return zeros_of(_jax.aval_of(value))
+
+
+def zeros_of(typ: Any) -> Any:
+    """The zero cotangent of a value of type ``typ`` (an aval or ``jax.ShapeDtypeStruct``):
+    zeros of its dtype, float0 for integers and booleans."""
+    if is_differentiable(typ):
+        return jnp.zeros(typ.shape, typ.dtype)
+    return np.zeros(typ.shape, _jax.float0)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -334,7 +339,7 @@ _UNSET = object()
 def _structure_key(value: Any) -> Any:
     skeleton, in_slots, out_slots = value
     try:
-        key = (tuple((p, _freeze(params), isl, osl, rule) for p, params, isl, osl, rule, _
+        key = (tuple((p, _Frozen(params), isl, osl, rule) for p, params, isl, osl, rule, _
                      in skeleton), in_slots, out_slots)
         hash(key)
     except TypeError:
@@ -345,7 +350,7 @@ def _structure_key(value: Any) -> Any:
 class _Frozen:
     """A node's params, hashable: hashed once, compared by hash first. Items keep the dict's
     order (a primitive's params are always built in one order; another order only misses a
-    cache)."""
+    cache). TypeError if a value is not hashable (arrays, lists)."""
 
     __slots__ = ("items", "_hash")
 
@@ -362,8 +367,3 @@ class _Frozen:
     def __eq__(self, other: object) -> bool:
         return self is other or (isinstance(other, _Frozen) and self._hash == other._hash
                                  and self.items == other.items)
-
-
-def _freeze(params: dict) -> _Frozen:
-    """``params`` as a hashable value; TypeError if a value is not hashable (arrays, lists)."""
-    return _Frozen(params)

@@ -35,7 +35,7 @@ from jax.tree_util import tree_flatten, tree_unflatten
 from jaxprop import _jax
 from jaxprop.registry import Cotangent, Node, defvjp, noderule
 from jaxprop.rules._util import convert_like
-from jaxprop.rules.custom import eval_on, inline_call
+from jaxprop.rules.custom import eval_on, inline_call, typed_outputs
 from jaxprop.sweep import backward
 from jaxprop.tracer import (HANDLERS, JaxpropTrace, LinearTrace, Tape, handler,
                             is_differentiable, run_traced)
@@ -50,13 +50,15 @@ def _merge(values: Sequence[Any], diff: Sequence[bool], tracers: Sequence[Any]) 
     return [next(it) if d else v for v, d in zip(values, diff)]
 
 
-def _traced_vjp(closed: Any, values: Sequence[Any], diff: Sequence[bool]
+def _traced_vjp(closed: Any, values: Sequence[Any], diff: Sequence[bool],
+                evaluate: Callable[[Any, list], list] | None = None
                 ) -> tuple[list[Any], Tape]:
     """Evaluate a (Closed)Jaxpr on ``values`` under a fresh jaxprop trace whose inputs are the
-    ``diff`` positions. Returns the parent-level outputs and the tape (in_slots: diff inputs)."""
-    trace, tracers, outs = run_traced(
-        lambda *d: eval_on(_jax.get_current_trace(), closed, _merge(values, diff, d)),
-        [v for v, d in zip(values, diff) if d])
+    ``diff`` positions (``evaluate(closed, args)``, by default :func:`eval_on` the trace).
+    Returns the parent-level outputs and the tape (in_slots: diff inputs)."""
+    evaluate = evaluate or (lambda c, args: eval_on(_jax.get_current_trace(), c, args))
+    trace, tracers, outs = run_traced(lambda *d: evaluate(closed, _merge(values, diff, d)),
+                                      [v for v, d in zip(values, diff) if d])
     out_values, out_slots = zip(*map(trace.unwrap, outs)) if outs else ((), ())
     return list(out_values), Tape(trace.nodes, [t.slot for t in tracers], out_slots)
 
@@ -486,19 +488,12 @@ def _remat_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     """ct_x = vjp(f)(x)(ct), with f's forward recomputed here from the saved inputs (and the
     saved outputs of the equations the policy kept, which are not recomputed)."""
     values = list(node.inputs)
-    saved = list(node.residuals)
     if node.params.get("prevent_cse", True) and values:
         values = list(lax.optimization_barrier(tuple(values)))  # XLA must not reuse the forward
     diff = [s is not None for s in node.in_slots]
-    closed, policy = node.params["jaxpr"], node.params.get("policy")
-    if policy is None:
-        _, tape = _traced_vjp(closed, values, diff)
-    else:
-        replay = iter(saved)
-        trace, tracers, outs = run_traced(
-            lambda *d: _eval_saving(closed, _merge(values, diff, d), policy, replay),
-            [v for v, d in zip(values, diff) if d])
-        tape = Tape(trace.nodes, [t.slot for t in tracers], [trace.unwrap(o)[1] for o in outs])
+    policy, replay = node.params.get("policy"), iter(node.residuals)
+    _, tape = _traced_vjp(node.params["jaxpr"], values, diff, None if policy is None else
+                          lambda closed, args: _eval_saving(closed, args, policy, replay))
     in_cts = iter(backward(tape.nodes, tape.out_slots, list(cts), tape.in_slots))
     return [next(in_cts) if d else None for d in diff]
 
@@ -522,12 +517,16 @@ def _eval_saving(closed: Any, args: Sequence[Any], policy: Callable, saved: Any)
         elif _saveable(policy, eqn):
             outs = _saved_outputs(eqn, ins, saved)
         else:
-            outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-            outs = outs if eqn.primitive.multiple_results else [outs]
+            outs = _bind_eqn(eqn, ins)
         for v, x in zip(eqn.outvars, outs):
             env[v] = x
-    return [jnp.asarray(read(v), v.aval.dtype) if isinstance(v, _xcore.Literal) else read(v)
-            for v in jaxpr.outvars]
+    return typed_outputs(jaxpr, [read(v) for v in jaxpr.outvars])
+
+
+def _bind_eqn(eqn: Any, ins: Sequence[Any]) -> list[Any]:
+    """Apply one equation's primitive to ``ins`` on the current trace: its list of outputs."""
+    outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+    return list(outs) if eqn.primitive.multiple_results else [outs]
 
 
 def _saveable(policy: Callable, eqn: Any) -> bool:
@@ -545,8 +544,7 @@ def _saved_outputs(eqn: Any, ins: list, saved: Any) -> list[Any]:
     """Forward: compute and keep the outputs. Backward: take them from the forward, and record
     the equation on the current jaxprop trace with those outputs (so its rule runs)."""
     if isinstance(saved, list):
-        outs = eqn.primitive.bind(*ins, **eqn.params)
-        outs = list(outs) if eqn.primitive.multiple_results else [outs]
+        outs = _bind_eqn(eqn, ins)
         saved.extend(outs)
         return outs
     kept = [next(saved) for _ in eqn.outvars]

@@ -119,6 +119,11 @@ def eval_on(trace: Any, closed: Any, args: Sequence[Any]) -> list[Any]:
     jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
     with _jax.set_current_trace(trace):
         outs = _jax.eval_jaxpr(jaxpr, consts, *args)
+    return typed_outputs(jaxpr, outs)
+
+
+def typed_outputs(jaxpr: Any, outs: Sequence[Any]) -> list[Any]:
+    """``jaxpr``'s output values, a literal output as an array of its declared dtype."""
     return [jnp.asarray(o, v.aval.dtype) if isinstance(v, Literal) else o
             for o, v in zip(outs, jaxpr.outvars)]
 
@@ -259,4 +264,4 @@ def _zero_cotangent(value: Any, symbolic_zeros: bool) -> Any:
     return zeros_like_value(value)
 
 
-__all__ = ["custom_jvp_call", "custom_vjp_call", "eval_on", "inline_call"]
+__all__ = ["custom_jvp_call", "custom_vjp_call", "eval_on", "inline_call", "typed_outputs"]
