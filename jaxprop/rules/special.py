@@ -2,8 +2,8 @@
 
 Each rule is ``ct`` times the closed-form derivative. Where no closed form exists JAX raises,
 and so does jaxprop, with the same message: ∂polygamma/∂m, ∂betainc/∂a and ∂/∂b,
-igamma_grad_a (no rule registered), and ∂zeta/∂x (jax.scipy.special.zeta is a custom_jvp with a series for it:
-use that). ∂zeta/∂q = −x·ζ(x + 1, q) is closed-form, so jaxprop gives it where JAX raises.
+igamma_grad_a (no rule registered), and ∂zeta/∂x (jax.scipy.special.zeta is a custom_jvp
+with a series for it: use that). ∂zeta/∂q = −x·ζ(x + 1, q) is closed-form, so jaxprop gives it where JAX raises.
 """
 
 from __future__ import annotations
