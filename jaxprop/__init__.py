@@ -1,6 +1,7 @@
 """jaxprop: reverse-mode autodiff for JAX with its own tracer, tape and reverse sweep."""
 
 from jaxprop import rules as _rules  # noqa: F401  (registers every VJP rule)
+from jaxprop import checkpointing
 from jaxprop.api import grad, hessian, jacrev, value_and_grad, vjp
 from jaxprop.registry import MissingRuleError, Node, defvjp, noderule, register, registered
 from jaxprop.registry import vjp_rule
@@ -9,12 +10,13 @@ from jaxprop.hooks import (clip_gradient, clip_gradient_norm, feedback_alignment
                            gradient_reversal, hook, override, straight_through)
 from jaxprop.nan import NanReport, find_nan_origin
 from jaxprop.tags import grad_and_tags, tag, value_and_grad_and_tags
+from jaxprop.checkpointing import checkpoints
 from jaxprop.tracer import inlining
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MissingRuleError", "Node", "defvjp", "grad", "hessian", "jacrev", "noderule", "register",
+    "MissingRuleError", "Node", "checkpoints", "checkpointing", "defvjp", "grad", "hessian", "jacrev", "noderule", "register",
     "registered", "value_and_grad", "vjp",
     "Explanation", "NanReport", "clip_gradient", "clip_gradient_norm", "explain",
     "feedback_alignment", "feedback_rule", "find_nan_origin", "grad_and_tags",

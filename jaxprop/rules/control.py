@@ -3,12 +3,14 @@
 - ``scan``: a forward ``lax.scan`` that records each step on a small tape and stacks the tape's
   per-step arrays (its residuals); the backward is a reverse ``lax.scan`` that rebuilds one
   step's tape and sweeps it: carries the carry-cotangent, accumulates the consts' cotangents
-  and emits the xs' cotangents as its ys. Memory: O(T × one step's residuals).
+  and emits the xs' cotangents as its ys. Memory: O(T × one step's residuals); under
+  ``jaxprop.checkpoints(C, scans=True)`` a longer scan keeps C carries instead (loops.py).
 - ``cond`` / ``switch``: eagerly (concrete index) the taken branch is recorded inline; traced,
   a ``lax.switch`` whose branches record their tapes and return their residuals (zeros for
   the branches not taken); the backward is a ``lax.switch`` over the branches' sweeps.
-- ``while``: reverse mode needs the trip count, so the loop runs step by step while its
-  predicate is concrete (eagerly); under ``jax.jit`` a clear error suggests ``lax.scan``.
+- ``while``: eagerly (concrete predicate) the loop is unrolled on the tape step by step; with
+  a traced predicate (under ``jax.jit``) it is one node that keeps at most C carries and
+  recomputes the rest in its backward pass (:mod:`jaxprop.rules.loops`).
 - ``remat2`` (``jax.checkpoint``): one node that saves its inputs and, with a checkpoint
   ``policy``, the outputs of the equations the policy saves; its backward recomputes the rest
   of the forward on a fresh tape and sweeps it.
@@ -33,6 +35,7 @@ from jax import lax
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from jaxprop import _jax
+from jaxprop.checkpointing import budget
 from jaxprop.registry import Cotangent, Node, defvjp, noderule
 from jaxprop.rules._util import convert_like
 from jaxprop.rules.custom import eval_on, inline_call, typed_outputs
@@ -130,6 +133,10 @@ def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
     closed, n_c, n_k = params["jaxpr"], params["num_consts"], params["num_carry"]
     if isinstance(trace, LinearTrace):  # a custom JVP rule scanning its tangents
         return _unrolled_scan(trace, closed, tracers, params)
+    if _budgeted(params["length"]):  # jaxprop.checkpoints(C, scans=True): keep C carries
+        from jaxprop.rules.loops import checkpointed_scan
+        values, slots = zip(*map(trace.unwrap, tracers))
+        return checkpointed_scan(trace, primitive, values, slots, params, budget().scans)
     hoisted = _hoist_invariants(trace, closed, tracers[:n_c])
     if hoisted is not None:  # loop-invariant work runs (and is recorded) once, outside
         body, invariants = hoisted
@@ -153,6 +160,11 @@ def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
     info = dict(params, jaxpr=closed, diff=diff, layout=fixed["layout"], dead=fixed["dead"])
     return trace.record(primitive, info, values, slots, [*carry, *ys], _scan_rule,
                         residuals=(stacked, fixed_arrays))
+
+
+def _budgeted(length: int) -> bool:
+    """Whether a scan of ``length`` steps exceeds the carries a scan budget allows."""
+    return budget().scans is not None and length > budget().scans
 
 
 def _scan_forward(closed: Any, values: Sequence[Any], diff: tuple, params: dict, prune: bool
@@ -448,21 +460,19 @@ def while_loop(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], para
 
 def _traced_while(trace: JaxpropTrace, primitive: Any, tracers: list, params: dict,
                   n_cc: int, steps: int) -> Any:
-    """A traced predicate: fine if nothing differentiated flows through the body, else an
-    error that says what to use instead."""
+    """A traced predicate: the loop runs as is if nothing differentiated flows through the
+    body, else as one node that keeps at most C carries (:mod:`jaxprop.rules.loops`)."""
+    from jaxprop.rules.loops import checkpointed_while
     values, slots = zip(*map(trace.unwrap, tracers))
     if steps == 0 and all(s is None for s in slots[n_cc:]):
         return _jax.bind_on(trace.parent, primitive, values, params)
-    where = _jax.source_summary(_jax.current_source())
-    raise WhileLoopError(
-        "jaxprop cannot differentiate (reverse mode) through lax.while_loop "
-        "(or lax.fori_loop with traced bounds) when its trip count is not known at trace time"
-        + (f", at {where}" if where else "") + ": under jax.jit / jax.vmap the loop predicate "
-        "is a tracer. Reverse mode must store or recompute every iteration, so it needs a "
-        "static trip count. Use lax.scan, or lax.fori_loop with Python-int (static) bounds "
-        "(which lowers to a scan), optionally with jax.checkpoint on the body to save memory; "
-        "or differentiate outside jax.jit, where the loop runs eagerly and the trip count is "
-        "concrete.")
+    if isinstance(trace, LinearTrace):  # a custom JVP rule looping over its tangents
+        where = _jax.source_summary(_jax.current_source())
+        raise WhileLoopError(
+            "jaxprop cannot transpose a lax.while_loop with a traced trip count inside a "
+            "custom_jvp rule" + (f" (at {where})" if where else "") + ": give the function "
+            "a custom_vjp instead, or bound the loop with lax.scan.")
+    return checkpointed_while(trace, primitive, values, slots, params)
 
 
 # -- remat2 (jax.checkpoint) ------------------------------------------------------------------
