@@ -61,31 +61,43 @@ def mixed_reference(w, x0, n):
     return (out["x"] ** 2).sum() + out["y"] + out["i"].astype(jnp.float32)
 
 
-@pytest.mark.parametrize("trip_count", [0, 1, 4, 5, 37])
-def test_while_under_jit_matches_scan(trip_count):
-    """Trip counts 0, 1, C, C+1 and many times C; every argument differentiated."""
+def test_while_under_jit_matches_scan():
+    """Trip counts 0, 1, C, C+1 and many times C, one compiled program; every argument
+    differentiated; the backward re-evaluates the steps the Python schedule says."""
     w, x0 = normal(3, 3) * 0.7, normal(3, seed=1)
     with jaxprop.checkpoints(4), step_counts() as counts:
-        got = jax.jit(jaxprop.grad(mixed_loss, argnums=(0, 1)))(w, x0, trip_count)
+        grad = jax.jit(jaxprop.grad(mixed_loss, argnums=(0, 1)))
+        for trip_count in (0, 1, 4, 5, 37):
+            want = jax.grad(mixed_reference, argnums=(0, 1))(w, x0, trip_count)
+            assert_tree_close(grad(w, x0, trip_count), want)
         jax.effects_barrier()
-    want = jax.grad(mixed_reference, argnums=(0, 1))(w, x0, trip_count)
-    assert_tree_close(got, want)
-    assert counts == [{"trip_count": trip_count,
-                       "recomputed": recomputed_steps(trip_count, 4)}]
+    assert counts == [{"trip_count": t, "recomputed": recomputed_steps(t, 4)}
+                      for t in (0, 1, 4, 5, 37)]
 
 
-@pytest.mark.parametrize("trip_count,n", [(3, 8), (8, 8), (9, 8), (100, 3), (250, 6)])
-def test_recomputation_count_matches_schedule(trip_count, n):
-    """The compiled backward re-evaluates exactly the steps the Python schedule says; a loop
-    that fits in its budget re-evaluates none."""
+@pytest.mark.slow
+def test_ten_thousand_steps():
+    w, x0 = normal(3, 3) * 0.7, normal(3, seed=1)
+    with jaxprop.checkpoints(12):
+        got = jax.jit(jaxprop.grad(mixed_loss, argnums=(0, 1)))(w, x0, 10_000)
+    assert_tree_close(got, jax.grad(mixed_reference, argnums=(0, 1))(w, x0, 10_000), tol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_recomputation_count_matches_schedule(n):
+    """The compiled backward re-evaluates exactly the steps the Python schedule says, for
+    budgets down to one carry; a loop that fits in its budget re-evaluates none."""
     f = lambda x, n_: lax.fori_loop(0, n_, lambda i, c: jnp.sin(c) * x, x).sum()
+    grad = jax.jit(jaxprop.grad(f))
+    trip_counts = (3, 8, 9, 100, 250)
     with jaxprop.checkpoints(n), step_counts() as counts:
-        got = jax.jit(jaxprop.grad(f))(jnp.float32(0.9), trip_count)
+        for t in trip_counts:
+            assert_tree_close(grad(jnp.float32(0.9), t),
+                              jax.grad(lambda x: f(x, t))(jnp.float32(0.9)))
         jax.effects_barrier()
-    assert_tree_close(got, jax.grad(lambda x: f(x, trip_count))(jnp.float32(0.9)))
-    assert counts[0]["recomputed"] == recomputed_steps(trip_count, n)
-    if trip_count <= n:
-        assert counts[0]["recomputed"] == 0
+    assert [c["recomputed"] for c in counts] == [recomputed_steps(t, n) for t in trip_counts]
+    assert all(c["recomputed"] == 0 for c, t in zip(counts, trip_counts) if t <= n)
 
 
 def revolve_recomputations(trip_count, n):
@@ -139,6 +151,7 @@ def test_vmap_of_grad_and_grad_of_vmap():
 
 
 # -- nesting -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_nested_while_loops():
     def f(x, n, m):
         inner = lambda c: lax.fori_loop(0, m, lambda j, d: jnp.sin(d) * x + 0.1, c)
@@ -175,7 +188,44 @@ def test_while_inside_scan_and_cond():
     assert_tree_close(got, jax.grad(lambda x: f(x, 3))(x))
 
 
+# -- memory ------------------------------------------------------------------------------------
+def temp_bytes(fun, *args):
+    return jax.jit(fun).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+W32, X32 = jnp.eye(32) * 0.5, jnp.ones((4, 32))
+
+
+def loss_while(w, n):
+    body = lambda c: (c[0] + 1, jnp.tanh(c[1] @ w))
+    return lax.while_loop(lambda c: c[0] < n, body, (0, X32))[1].sum()
+
+
+def loss_scan(w, n):
+    return lax.fori_loop(0, n, lambda i, c: jnp.tanh(c @ w), X32).sum()
+
+
+def test_memory_stays_flat_as_trip_count_grows():
+    """10 → 10⁵ steps: the while loop's compiled temp memory stays the same; jax.grad of the
+    scan form grows with the trip count."""
+    memory = {}
+    for n in (10, 100_000):
+        memory["while", n] = temp_bytes(jaxprop.grad(lambda w: loss_while(w, n)), W32)
+        memory["scan", n] = temp_bytes(jax.grad(lambda w: loss_scan(w, n)), W32)
+    assert memory["while", 100_000] <= 1.05 * memory["while", 10]
+    assert memory["scan", 100_000] > 1000 * memory["scan", 10]
+
+
+@pytest.mark.slow
+def test_scan_budget_memory():
+    """A 10⁵-step scan under checkpoints(8, scans=True) needs what a 10-step one does."""
+    with jaxprop.checkpoints(8, scans=True):
+        budgeted = temp_bytes(jaxprop.grad(lambda w: loss_scan(w, 100_000)), W32)
+    assert budgeted <= 2 * temp_bytes(jax.grad(lambda w: loss_scan(w, 10)), W32)
+
+
 # -- second order ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_second_order_through_while():
     f = lambda x, n: lax.fori_loop(0, n, lambda i, c: jnp.sin(c) * x + c * 0.5, x)
     x, n = jnp.float32(0.8), 6
@@ -194,7 +244,7 @@ def rnn(params, xs):
     return h.sum() + ys.sum()
 
 
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("reverse", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_scan_with_checkpoint_budget(reverse):
     params, xs = (normal(4, 4) * 0.5, normal(3, 4, seed=2)), normal(30, 3, seed=3)
     f = lambda p, xs: rnn(p, xs[::-1]) if not reverse else jnp.sum(lax.scan(
