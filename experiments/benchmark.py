@@ -3,6 +3,7 @@
     python experiments/benchmark.py                      # full run (a few minutes on 2 cores)
     python experiments/benchmark.py --quick              # smoke run: tiny sizes, 2 rounds
     python experiments/benchmark.py --only transformer --rounds 30
+    python experiments/benchmark.py --only mlp_small --no-extras --checkpoints 8   # while loops
 
 For every workload it measures four ratios, jaxprop / jax.grad (below 1 = jaxprop is better):
 
@@ -22,8 +23,13 @@ HIPS autograd are installed, it also times their eager gradient of the small MLP
 A workload that needs a VJP rule jaxprop does not have yet is reported as
 ``missing rule: <primitive>`` instead of stopping the run.
 
+A last section differentiates a ``lax.while_loop`` with a traced trip count (jax.grad refuses
+it): jaxprop against Equinox's checkpointed while loop (if Equinox is installed) and jax.grad
+of scan rewrites, at C carries each, and their compiled memory against the trip count.
+
 Outputs (in --out, default experiments/results): benchmark.md (the table for the README),
-benchmark.json (every number), benchmark.png (bar chart of the ratios).
+benchmark.json (every number), benchmark.png (bar chart of the ratios), while_memory.png
+(memory against the trip count).
 """
 
 from __future__ import annotations
@@ -61,11 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 40 ms, 2 ms with --quick)")
     p.add_argument("--no-extras", action="store_true",
                    help="skip the roofline, PyTorch and autograd comparisons")
+    p.add_argument("--no-while", action="store_true",
+                   help="skip the while-loop section (jaxprop vs Equinox's checkpointed "
+                        "while loop vs the scan rewrite, and memory vs trip count)")
+    p.add_argument("--checkpoints", type=int, default=None,
+                   help="carries the while-loop section keeps (default 16, 4 with --quick)")
     p.add_argument("--out", default="experiments/results", help="output folder")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 30)
     args.target_ms = args.target_ms or (2.0 if args.quick else 40.0)
     args.only = args.only or WORKLOADS
+    args.checkpoints = args.checkpoints or (4 if args.quick else 16)
     args.out = Path(args.out)
     return args
 
@@ -565,6 +577,132 @@ def bench_other_frameworks(args):
     return results
 
 
+# -- while loops: reverse mode with a traced trip count, in C carries -------------------------
+def while_problem(quick):
+    """A recurrent map h ← tanh(h W + b) run n times, n traced: (params, h0, loss(p, n) as a
+    lax.while_loop, step(p, h) for the rewrites)."""
+    batch, hidden = (4, 8) if quick else (16, 64)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(7))
+    params = dict(w=jax.random.normal(k1, (hidden, hidden)) / math.sqrt(hidden),
+                  b=jnp.zeros(hidden))
+    h0 = jax.random.normal(k2, (batch, hidden))
+    step = lambda p, h: jnp.tanh(h @ p["w"] + p["b"])  # noqa: E731
+
+    def loss(p, n):
+        carry = lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, step(p, c[1])), (0, h0))
+        return (carry[1] ** 2).sum()
+    return params, h0, step, loss
+
+
+def while_engines(quick, trip_count, n_carries):
+    """Gradient functions of the same loop, each taking (params, n): jaxprop on the plain
+    while loop, Equinox's checkpointed while loop, and jax.grad of two scan rewrites that
+    need the trip count when tracing (all steps' residuals; √-style blocks under
+    jax.checkpoint with n_carries carries)."""
+    params, h0, step, loss = while_problem(quick)
+    engines = {}
+    with jaxprop.checkpoints(n_carries):
+        engines["jaxprop while"] = jax.jit(jaxprop.grad(loss)).lower(params, trip_count).compile()
+    try:
+        import equinox.internal as eqxi
+
+        def eqx_loss(p, n):
+            carry = eqxi.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, step(p, c[1])),
+                                    (0, h0), kind="checkpointed", checkpoints=n_carries)
+            return (carry[1] ** 2).sum()
+        engines["equinox checkpointed"] = jax.jit(jax.grad(eqx_loss)).lower(
+            params, trip_count).compile()
+    except ImportError:
+        pass
+    block = -(-trip_count // n_carries)
+
+    def blocked_loss(p, n):  # the trip count must be static: n is ignored
+        inner = jax.checkpoint(lambda h, _: (lax.fori_loop(
+            0, block, lambda i, h: step(p, h), h), None))
+        h = lax.scan(inner, h0, None, length=trip_count // block)[0]
+        h = lax.fori_loop(0, trip_count % block, lambda i, h: step(p, h), h)
+        return (h ** 2).sum()
+
+    def scan_loss(p, n):
+        return (lax.fori_loop(0, trip_count, lambda i, h: step(p, h), h0) ** 2).sum()
+    engines["jax.grad scan, blocks"] = jax.jit(jax.grad(blocked_loss)).lower(
+        params, trip_count).compile()
+    engines["jax.grad scan"] = jax.jit(jax.grad(scan_loss)).lower(params, trip_count).compile()
+    return params, engines
+
+
+def bench_while_loops(args):
+    """Gradient time at one trip count (same C carries for the three checkpointed forms), and
+    compiled temp memory against the trip count."""
+    quick, n_carries = args.quick, args.checkpoints
+    trip_count = 60 if quick else 2000
+    params, engines = while_engines(quick, trip_count, n_carries)
+    grads = {name: fn(params, trip_count) for name, fn in engines.items()}
+    ref = grads["jax.grad scan"]
+    times = {}
+    for name, fn in engines.items():
+        reps = repeats_for(timed(lambda: fn(params, trip_count), 1), args.target_ms)
+        samples = [timed(lambda: fn(params, trip_count), reps) for _ in range(3 if quick else 7)]
+        err = max(float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-30)) for a, b in
+                  zip(jax.tree_util.tree_leaves(grads[name]), jax.tree_util.tree_leaves(ref)))
+        times[name] = dict(seconds=statistics.median(samples), grad_rel_err=err,
+                           temp_bytes=engines[name].memory_analysis().temp_size_in_bytes)
+    memory = {}
+    for t in ([10, 1000] if quick else [10, 100, 1000, 10_000, 100_000]):
+        _, compiled = while_engines(quick, t, n_carries)
+        for name, c in compiled.items():
+            memory.setdefault(name, []).append(c.memory_analysis().temp_size_in_bytes)
+        memory.setdefault("trip_counts", []).append(t)
+    recomputed = {t: jaxprop.checkpointing.recomputed_steps(t, n_carries)
+                  for t in memory["trip_counts"]}
+    return dict(trip_count=trip_count, checkpoints=n_carries, times=times, memory=memory,
+                recomputed=recomputed)
+
+
+def while_markdown(res):
+    if "error" in res:
+        return ["", f"While loops: {res['error']}"]
+    base = res["times"]["jaxprop while"]["seconds"]
+    lines = ["", f"Gradient through a while loop of {res['trip_count']} steps with a traced trip "
+             f"count, C = {res['checkpoints']} carries (jax.grad itself raises on the while "
+             "loop; the scans need the trip count when tracing):", "",
+             "| engine | gradient time | vs jaxprop | temp memory | grad rel. err |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, r in res["times"].items():
+        lines.append(f"| {name} | {fmt_time(r['seconds'])} | {r['seconds'] / base:.2f}× | "
+                     f"{fmt_bytes(r['temp_bytes'])} | {r['grad_rel_err']:.1e} |")
+    mem, ts = res["memory"], res["memory"]["trip_counts"]
+    lines += ["", "Compiled temp memory against the trip count T (jaxprop re-evaluates R steps "
+              "in its backward pass):", "",
+              "| T | " + " | ".join(n for n in mem if n != "trip_counts") + " | R (jaxprop) |",
+              "| --- " * (len(mem) + 1) + "|"]
+    for i, t in enumerate(ts):
+        lines.append(f"| {t} | " + " | ".join(fmt_bytes(v[i]) for n, v in mem.items()
+                                              if n != "trip_counts")
+                     + f" | {res['recomputed'][t]} |")
+    return lines
+
+
+def plot_while_memory(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ts = res["memory"]["trip_counts"]
+    for name, v in res["memory"].items():
+        if name != "trip_counts":
+            ax.loglog(ts, v, "o-", label=name)
+    ax.set_xlabel("trip count T")
+    ax.set_ylabel("compiled temp memory (bytes)")
+    ax.set_title(f"gradient through a while loop, C = {res['checkpoints']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # -- report --------------------------------------------------------------------------------
 def fmt_time(s):
     return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
@@ -631,6 +769,8 @@ def markdown(report):
         lines += ["", "Eager gradient of the small MLP against other frameworks (PyTorch and "
                   "NumPy with one thread): "
                   + "; ".join(parts) + "."]
+    if "while_loops" in ex:
+        lines += while_markdown(ex["while_loops"])
     return "\n".join(lines) + "\n"
 
 
@@ -692,11 +832,17 @@ def main(argv: list[str] | None = None) -> dict:
         if "temp_ratio" in lstm_memory:
             ex["scan_memory"] = guarded(lambda: scan_memory_scaling(args, lstm_memory))
         ex["frameworks"] = bench_other_frameworks(args)
+    if not args.no_while:
+        t0 = time.perf_counter()
+        report["extras"]["while_loops"] = guarded(lambda: bench_while_loops(args))
+        print(f"[{time.perf_counter() - t0:6.1f}s] while loops", flush=True)
     report["seconds"] = time.perf_counter() - t_start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=1))
     (args.out / "benchmark.md").write_text(markdown(report))
     plot(report, args.out / "benchmark.png")
+    if "times" in report["extras"].get("while_loops", {}):
+        plot_while_memory(report["extras"]["while_loops"], args.out / "while_memory.png")
     print(markdown(report))
     print(f"wrote {args.out}/benchmark.{{md,json,png}} in {report['seconds']:.0f} s")
     return report
