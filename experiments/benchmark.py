@@ -3,7 +3,7 @@
     python experiments/benchmark.py                      # full run (a few minutes on 2 cores)
     python experiments/benchmark.py --quick              # smoke run: tiny sizes, 2 rounds
     python experiments/benchmark.py --only transformer --rounds 30
-    python experiments/benchmark.py --only mlp_small --no-extras --checkpoints 8   # while loops
+    python experiments/benchmark.py --while-only --checkpoints 8   # just the while loops
 
 For every workload it measures four ratios, jaxprop / jax.grad (below 1 = jaxprop is better):
 
@@ -28,8 +28,8 @@ it): jaxprop against Equinox's checkpointed while loop (if Equinox is installed)
 of scan rewrites, at C carries each, and their compiled memory against the trip count.
 
 Outputs (in --out, default experiments/results): benchmark.md (the table for the README),
-benchmark.json (every number), benchmark.png (bar chart of the ratios), while_memory.png
-(memory against the trip count).
+benchmark.json (every number), benchmark.png (bar chart of the ratios), while_loops.{md,json}
+and while_memory.png (memory against the trip count).
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-while", action="store_true",
                    help="skip the while-loop section (jaxprop vs Equinox's checkpointed "
                         "while loop vs the scan rewrite, and memory vs trip count)")
+    p.add_argument("--while-only", action="store_true",
+                   help="run only the while-loop section; writes while_loops.{md,json} and "
+                        "while_memory.png")
     p.add_argument("--checkpoints", type=int, default=None,
                    help="carries the while-loop section keeps (default 16, 4 with --quick)")
     p.add_argument("--out", default="experiments/results", help="output folder")
@@ -802,8 +805,25 @@ def plot(report, path):
     plt.close(fig)
 
 
+def run_while_section(args):
+    """The while-loop section, also written on its own: while_loops.{md,json}, while_memory.png."""
+    t0 = time.perf_counter()
+    res = guarded(lambda: bench_while_loops(args))
+    print(f"[{time.perf_counter() - t0:6.1f}s] while loops", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "while_loops.json").write_text(json.dumps(res, indent=1))
+    (args.out / "while_loops.md").write_text("\n".join(while_markdown(res)[1:]) + "\n")
+    if "times" in res:
+        plot_while_memory(res, args.out / "while_memory.png")
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.while_only:
+        res = run_while_section(args)
+        print("\n".join(while_markdown(res)))
+        return dict(extras=dict(while_loops=res))
     t_start = time.perf_counter()
     report = dict(
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -832,17 +852,13 @@ def main(argv: list[str] | None = None) -> dict:
         if "temp_ratio" in lstm_memory:
             ex["scan_memory"] = guarded(lambda: scan_memory_scaling(args, lstm_memory))
         ex["frameworks"] = bench_other_frameworks(args)
-    if not args.no_while:
-        t0 = time.perf_counter()
-        report["extras"]["while_loops"] = guarded(lambda: bench_while_loops(args))
-        print(f"[{time.perf_counter() - t0:6.1f}s] while loops", flush=True)
+        if not args.no_while:
+            ex["while_loops"] = run_while_section(args)
     report["seconds"] = time.perf_counter() - t_start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=1))
     (args.out / "benchmark.md").write_text(markdown(report))
     plot(report, args.out / "benchmark.png")
-    if "times" in report["extras"].get("while_loops", {}):
-        plot_while_memory(report["extras"]["while_loops"], args.out / "while_memory.png")
     print(markdown(report))
     print(f"wrote {args.out}/benchmark.{{md,json,png}} in {report['seconds']:.0f} s")
     return report

@@ -243,9 +243,13 @@ def _loop_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
         slot = jnp.argmax(slots == start)
         d, free = end - start, jnp.sum(slots < 0)
         push = (d > 1) & (free >= 1)
-        k = jnp.where(push, _split(jnp.maximum(d, 2), jnp.maximum(free, 1)), d - 1)
-        carry = advance([lax.dynamic_index_in_dim(b, slot, keepdims=False) for b in buffers],
-                        start, k)
+        carry = [lax.dynamic_index_in_dim(b, slot, keepdims=False) for b in buffers]
+
+        def climb(carry: list) -> tuple:
+            k = jnp.where(push, _split(d, jnp.maximum(free, 1)), d - 1)
+            return k, advance(carry, start, k)
+
+        k, carry = lax.cond(d > 1, climb, lambda carry: (jnp.int32(0), carry), carry)
         new = jnp.where(push, jnp.argmax(slots < 0), n)  # n: out of range, dropped
         buffers = [b.at[new].set(x, mode="drop") for b, x in zip(buffers, carry)]
         slots = slots.at[new].set(start + k, mode="drop")
