@@ -93,3 +93,19 @@ def test_mlp_step_is_jax_grads_program(name):
                               .lower(w.params, state, w.batch).compile())
                 for grad in (jax.grad, jaxprop.grad)]
     assert programs[0] == programs[1]
+
+
+@pytest.mark.slow
+def test_quick_while_section(tmp_path):
+    """The while-loop section: every engine's gradient equals the scan's, jaxprop's memory does
+    not grow with the trip count, and its files are written."""
+    bench = load_benchmark()
+    res = bench.main(["--quick", "--while-only", "--out", str(tmp_path)])["extras"]["while_loops"]
+    assert all(r["grad_rel_err"] < 1e-4 for r in res["times"].values()), res["times"]
+    memory = res["memory"]["jaxprop while"]
+    assert memory[-1] == memory[0]
+    from jaxprop.checkpointing import recomputed_steps
+    assert res["recomputed"] == {t: recomputed_steps(t, res["checkpoints"])
+                                 for t in res["memory"]["trip_counts"]}
+    assert (tmp_path / "while_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| engine | gradient time |" in (tmp_path / "while_loops.md").read_text()
