@@ -37,10 +37,10 @@ from jax import lax
 
 from jaxprop import _jax, checkpointing
 from jaxprop.registry import Cotangent, Node
-from jaxprop.rules.control import _ct_for, _depends, _traced_vjp
+from jaxprop.rules.control import _ct_for, _scan_diff, _traced_vjp
 from jaxprop.rules.custom import eval_on
 from jaxprop.sweep import backward
-from jaxprop.tracer import JaxpropTrace, is_differentiable
+from jaxprop.tracer import JaxpropTrace
 
 __all__ = ["checkpointed_scan", "checkpointed_while"]
 
@@ -59,19 +59,6 @@ class _Loop:
         return eval_on(_jax.get_current_trace(), self.body, [*consts, *carry, *x_t])
 
 
-def _loop_diff(body: Any, in_diff: Sequence[bool], n_c: int, n_k: int) -> tuple:
-    """Differentiated body inputs: given consts and xs, carries by fixpoint (a carry that
-    starts constant is differentiated once the body makes it depend on one)."""
-    diff = [d and is_differentiable(v.aval) for d, v in zip(in_diff, body.jaxpr.invars)]
-    while True:
-        new = [d or (o and is_differentiable(v.aval)) for d, o, v in
-               zip(diff[n_c:n_c + n_k], _depends(body.jaxpr, diff)[:n_k],
-                   body.jaxpr.invars[n_c:n_c + n_k])]
-        if new == diff[n_c:n_c + n_k]:
-            return tuple(diff)
-        diff[n_c:n_c + n_k] = new
-
-
 # -- the two loops, as nodes ------------------------------------------------------------------
 def checkpointed_while(trace: JaxpropTrace, primitive: Any, values: Sequence[Any],
                        slots: Sequence[Any], params: dict) -> list[Any]:
@@ -82,7 +69,7 @@ def checkpointed_while(trace: JaxpropTrace, primitive: Any, values: Sequence[Any
     offset = n_cc
     if params["cond_jaxpr"].out_avals[0].shape:  # batched: run while any element runs
         body, offset, n_bc = _masked_body(params, values), 0, n_cc + n_bc
-    diff = _loop_diff(body, [s is not None for s in slots[offset:]], n_bc, n_k)
+    diff = tuple(_scan_diff(body.jaxpr, slots[offset:], n_bc, n_k))
     loop = _Loop(body, n_bc, n_k, diff, checkpointing.budget().loops)
     cond_consts, consts = values[:n_cc], values[offset:offset + n_bc]
 
@@ -121,7 +108,7 @@ def checkpointed_scan(trace: JaxpropTrace, primitive: Any, values: Sequence[Any]
     step's residuals."""
     n_c, n_k, length = params["num_consts"], params["num_carry"], params["length"]
     body = params["jaxpr"]
-    diff = _loop_diff(body, [s is not None for s in slots], n_c, n_k)
+    diff = tuple(_scan_diff(body.jaxpr, slots, n_c, n_k))
     loop = _Loop(body, n_c, n_k, diff, n, reverse=params["reverse"])
     with _jax.set_current_trace(trace.parent):
         carry, ys, saved = _forward(loop, values[:n_c], values[n_c:n_c + n_k],
