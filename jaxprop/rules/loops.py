@@ -180,86 +180,108 @@ def _loop_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     """Reverse the loop step by step, last first: ct_x_t = (∂step/∂x_t)ᵀ ct_x_{t+1},
     ct_consts = Σ_t (∂step/∂consts)ᵀ ct_x_{t+1}, ct_xs[t] = (∂step/∂xs[t])ᵀ ct_x_{t+1};
     each x_t is recomputed from the nearest checkpoint."""
-    loop, offset = node.params["loop"], node.params["offset"]
-    buffers, slots, trip_count = node.residuals
-    values = list(node.inputs[offset:])
-    n_c, n_k, n = loop.n_consts, loop.n_carry, loop.n
-    consts, xs = values[:n_c], values[n_c + n_k:]
-    length = jnp.shape(xs[0])[0] if xs else None
-    carry_d = [i for i in range(n_c, n_c + n_k) if loop.diff[i]]
-    const_d = [i for i in range(n_c) if loop.diff[i]]
-    xs_d = [i for i in range(n_c + n_k, len(values)) if loop.diff[i]]
-    ys_ct = list(cts[n_k:])
-    position = {i: k for k, i in enumerate(i for i in range(len(values)) if loop.diff[i])}
+    sweep, offset = _Reversal(node, cts), node.params["offset"]
+    ct_consts, ct_init, ct_xs = sweep.run()
+    out: list[Cotangent] = [None] * len(node.inputs)
+    for j, ct in [*zip(sweep.const_d, ct_consts), *zip(sweep.carry_d, ct_init),
+                  *zip(sweep.xs_d, ct_xs)]:
+        if node.in_slots[offset + j] is not None:
+            out[offset + j] = ct
+    return out
 
-    def advance(carry: list, start: Any, k: Any) -> list:
+
+class _Reversal:
+    """The backward loop of one loop node: what it reads (consts, xs, the cotangents of the
+    outputs, the checkpoints) and its three parts — advance, reverse one step, iterate."""
+
+    def __init__(self, node: Node, cts: Sequence[Cotangent]) -> None:
+        self.loop = loop = node.params["loop"]
+        self.values = values = list(node.inputs[node.params["offset"]:])
+        self.saved, n_c, n_k = node.residuals, loop.n_consts, loop.n_carry
+        self.consts, self.xs = values[:n_c], values[n_c + n_k:]
+        self.length = jnp.shape(self.xs[0])[0] if self.xs else None
+        self.carry_d = [i for i in range(n_c, n_c + n_k) if loop.diff[i]]
+        self.const_d = [i for i in range(n_c) if loop.diff[i]]
+        self.xs_d = [i for i in range(n_c + n_k, len(values)) if loop.diff[i]]
+        self.cts, self.ys_ct = cts, list(cts[n_k:])
+        self.position = {i: k for k, i in enumerate(i for i in range(len(values))
+                                                    if loop.diff[i])}
+
+    def x_at(self, t: Any) -> list:
+        """The per-step inputs step ``t`` reads (none for a while loop)."""
+        return [lax.dynamic_index_in_dim(x, _index(self.loop, t, self.length), keepdims=False)
+                for x in self.xs]
+
+    def advance(self, carry: list, start: Any, k: Any) -> list:
         """The carry ``k`` steps after step ``start``'s."""
         def one(state: tuple) -> tuple:
             j, carry = state
-            x_t = [lax.dynamic_index_in_dim(x, _index(loop, start + j, length), keepdims=False)
-                   for x in xs]
-            return j + 1, loop.step(consts, carry, x_t)[:n_k]
+            return j + 1, self.loop.step(self.consts, carry, self.x_at(start + j))[
+                :self.loop.n_carry]
         return lax.while_loop(lambda s: s[0] < k, one, (jnp.int32(0), carry))[1]
 
-    def reverse_step(operands: tuple) -> tuple:
-        """Step ``t`` on a tape, swept with the cotangents of its outputs."""
+    def reverse_step(self, operands: tuple) -> tuple:
+        """Step ``t`` on a tape, swept with the cotangents of its outputs:
+        (ct of its carry, consts' cotangents so far, ct of its xs)."""
         carry, t, ct_carry, acc = operands
-        i = _index(loop, t, length) if length is not None else 0
-        x_t = [lax.dynamic_index_in_dim(x, i, keepdims=False) for x in xs]
-        _, tape = _traced_vjp(loop.body, [*consts, *carry, *x_t], loop.diff)
-        out_cts: list = [None] * (n_k + len(ys_ct))
-        for j, ct in zip(carry_d, ct_carry):
-            out_cts[j - n_c] = ct
-        for j, ct in enumerate(ys_ct):
+        loop, n_k, values, at = self.loop, self.loop.n_carry, self.values, self.position
+        _, tape = _traced_vjp(loop.body, [*self.consts, *carry, *self.x_at(t)], loop.diff)
+        out_cts: list = [None] * (n_k + len(self.ys_ct))
+        for j, ct in zip(self.carry_d, ct_carry):
+            out_cts[j - loop.n_consts] = ct
+        for j, ct in enumerate(self.ys_ct):
             if ct is not None:
-                out_cts[n_k + j] = lax.dynamic_index_in_dim(ct, i, keepdims=False)
+                out_cts[n_k + j] = lax.dynamic_index_in_dim(
+                    ct, _index(loop, t, self.length), keepdims=False)
         in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
-        new_carry = [_ct_for(in_cts[position[j]], values[j]) for j in carry_d]
-        new_acc = [a + _ct_for(in_cts[position[j]], values[j]) for a, j in zip(acc, const_d)]
-        ct_x = [_ct_for(in_cts[position[j]], values[j], step=True) for j in xs_d]
-        return new_carry, new_acc, ct_x
+        return ([_ct_for(in_cts[at[j]], values[j]) for j in self.carry_d],
+                [a + _ct_for(in_cts[at[j]], values[j]) for a, j in zip(acc, self.const_d)],
+                [_ct_for(in_cts[at[j]], values[j], step=True) for j in self.xs_d])
 
-    def skip(operands: tuple) -> tuple:
+    def skip(self, operands: tuple) -> tuple:
+        """No step reversed this iteration (a checkpoint was stored instead)."""
         _, _, ct_carry, acc = operands
-        return ct_carry, acc, [jnp.zeros(jnp.shape(values[j])[1:], _jax.aval_of(values[j]).dtype)
-                               for j in xs_d]
+        return ct_carry, acc, [_ct_for(None, self.values[j], step=True) for j in self.xs_d]
 
-    def iteration(state: tuple) -> tuple:
+    def iteration(self, state: tuple) -> tuple:
+        """From the nearest checkpoint before ``end``: store a new one (``push``) or
+        reverse step ``end − 1``."""
         end, buffers, slots, ct_carry, acc, ct_xs, advanced = state
         start = jnp.max(jnp.where(slots < end, slots, -1))
-        slot = jnp.argmax(slots == start)
         d, free = end - start, jnp.sum(slots < 0)
         push = (d > 1) & (free >= 1)
-        carry = [lax.dynamic_index_in_dim(b, slot, keepdims=False) for b in buffers]
+        carry = [lax.dynamic_index_in_dim(b, jnp.argmax(slots == start), keepdims=False)
+                 for b in buffers]
 
         def climb(carry: list) -> tuple:
             k = jnp.where(push, _split(d, jnp.maximum(free, 1)), d - 1)
-            return k, advance(carry, start, k)
+            return k, self.advance(carry, start, k)
 
         k, carry = lax.cond(d > 1, climb, lambda carry: (jnp.int32(0), carry), carry)
-        new = jnp.where(push, jnp.argmax(slots < 0), n)  # n: out of range, dropped
+        new = jnp.where(push, jnp.argmax(slots < 0), self.loop.n)  # n: out of range, dropped
         buffers = [b.at[new].set(x, mode="drop") for b, x in zip(buffers, carry)]
         slots = slots.at[new].set(start + k, mode="drop")
-        ct_carry, acc, ct_x = lax.cond(push, skip, reverse_step, (carry, start + k, ct_carry, acc))
-        if xs_d:
-            i = jnp.where(push, length, _index(loop, start + k, length))
+        ct_carry, acc, ct_x = lax.cond(push, self.skip, self.reverse_step,
+                                       (carry, start + k, ct_carry, acc))
+        if self.xs_d:
+            i = jnp.where(push, self.length, _index(self.loop, start + k, self.length))
             ct_xs = [c.at[i].set(x, mode="drop") for c, x in zip(ct_xs, ct_x)]
         end = jnp.where(push, end, end - 1)
         slots = jnp.where(slots >= end, -1, slots)
         return end, buffers, slots, ct_carry, acc, ct_xs, advanced + k
 
-    state = (trip_count, buffers, slots,
-             [_ct_for(cts[j - n_c], values[j]) for j in carry_d],
-             [_ct_for(None, values[j]) for j in const_d],
-             [_ct_for(None, values[j]) for j in xs_d], jnp.int32(0))
-    _, _, _, ct_init, ct_consts, ct_xs, advanced = lax.while_loop(
-        lambda s: s[0] > 0, iteration, state)
-    records = checkpointing.counting()
-    if records is not None:
-        jax.debug.callback(lambda t, r: records.append(
-            {"trip_count": int(t), "recomputed": int(r)}), trip_count, advanced)
-    out: list[Cotangent] = [None] * len(node.inputs)
-    for j, ct in [*zip(const_d, ct_consts), *zip(carry_d, ct_init), *zip(xs_d, ct_xs)]:
-        if node.in_slots[offset + j] is not None:
-            out[offset + j] = ct
-    return out
+    def run(self) -> tuple[list, list, list]:
+        """(ct_consts, ct_init, ct_xs), reporting the recomputed steps if asked to."""
+        buffers, slots, trip_count = self.saved
+        n_c, values = self.loop.n_consts, self.values
+        state = (trip_count, buffers, slots,
+                 [_ct_for(self.cts[j - n_c], values[j]) for j in self.carry_d],
+                 [_ct_for(None, values[j]) for j in self.const_d],
+                 [_ct_for(None, values[j]) for j in self.xs_d], jnp.int32(0))
+        _, _, _, ct_init, ct_consts, ct_xs, advanced = lax.while_loop(
+            lambda s: s[0] > 0, self.iteration, state)
+        records = checkpointing.counting()
+        if records is not None:
+            jax.debug.callback(lambda t, r: records.append(
+                {"trip_count": int(t), "recomputed": int(r)}), trip_count, advanced)
+        return ct_consts, ct_init, ct_xs

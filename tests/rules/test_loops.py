@@ -131,14 +131,17 @@ def test_data_dependent_stop_and_closure():
 
 
 # -- vmap: elements stop at different steps --------------------------------------------------
+def doubling_body(c):
+    return jnp.sin(c[0]) + c[0], c[1] * 2.0 + c[0]
+
+
 def doubling(x):
-    return lax.while_loop(lambda c: c[1] < 10.0, lambda c: (jnp.sin(c[0]) + c[0], c[1] * 2.0 + c[0]),
-                          (x, x))[0]
+    return lax.while_loop(lambda c: c[1] < 10.0, doubling_body, (x, x))[0]
 
 
 def doubling_reference(x):
-    n = trips(lambda c: c[1] < 10.0, lambda c: (jnp.sin(c[0]) + c[0], c[1] * 2.0 + c[0]), (x, x))
-    return run_for(lambda c: (jnp.sin(c[0]) + c[0], c[1] * 2.0 + c[0]), (x, x), n)[0]
+    n = trips(lambda c: c[1] < 10.0, doubling_body, (x, x))
+    return run_for(doubling_body, (x, x), n)[0]
 
 
 def test_vmap_of_grad_and_grad_of_vmap():
