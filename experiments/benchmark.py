@@ -642,13 +642,19 @@ def bench_while_loops(args):
     params, engines = while_engines(quick, trip_count, n_carries)
     grads = {name: fn(params, trip_count) for name, fn in engines.items()}
     ref = grads["jax.grad scan"]
+    calls = {name: (lambda fn=fn: fn(params, trip_count)) for name, fn in engines.items()}
+    reps = {name: repeats_for(timed(call, 1), args.target_ms) for name, call in calls.items()}
+    samples = {name: [] for name in engines}
+    for _ in range(3 if quick else 15):  # engines in turn, so load on the machine hits all
+        for name, call in calls.items():
+            samples[name].append(timed(call, reps[name]))
     times = {}
-    for name, fn in engines.items():
-        reps = repeats_for(timed(lambda: fn(params, trip_count), 1), args.target_ms)
-        samples = [timed(lambda: fn(params, trip_count), reps) for _ in range(3 if quick else 7)]
+    for name in engines:
         err = max(float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-30)) for a, b in
                   zip(jax.tree_util.tree_leaves(grads[name]), jax.tree_util.tree_leaves(ref)))
-        times[name] = dict(seconds=statistics.median(samples), grad_rel_err=err,
+        ordered = sorted(samples[name])
+        times[name] = dict(seconds=statistics.median(ordered), q25=ordered[len(ordered) // 4],
+                           q75=ordered[(3 * len(ordered)) // 4], grad_rel_err=err,
                            temp_bytes=engines[name].memory_analysis().temp_size_in_bytes)
     memory = {}
     for t in ([10, 1000] if quick else [10, 100, 1000, 10_000, 100_000]):
@@ -669,10 +675,11 @@ def while_markdown(res):
     lines = ["", f"Gradient through a while loop of {res['trip_count']} steps with a traced trip "
              f"count, C = {res['checkpoints']} carries (jax.grad itself raises on the while "
              "loop; the scans need the trip count when tracing):", "",
-             "| engine | gradient time | vs jaxprop | temp memory | grad rel. err |",
+             "| engine | gradient time [quartiles] | vs jaxprop | temp memory | grad rel. err |",
              "| --- | --- | --- | --- | --- |"]
     for name, r in res["times"].items():
-        lines.append(f"| {name} | {fmt_time(r['seconds'])} | {r['seconds'] / base:.2f}× | "
+        lines.append(f"| {name} | {fmt_time(r['seconds'])} [{fmt_time(r['q25'])}–"
+                     f"{fmt_time(r['q75'])}] | {r['seconds'] / base:.2f}× | "
                      f"{fmt_bytes(r['temp_bytes'])} | {r['grad_rel_err']:.1e} |")
     mem, ts = res["memory"], res["memory"]["trip_counts"]
     lines += ["", "Compiled temp memory against the trip count T (jaxprop re-evaluates R steps "

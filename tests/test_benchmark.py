@@ -108,4 +108,4 @@ def test_quick_while_section(tmp_path):
     assert res["recomputed"] == {t: recomputed_steps(t, res["checkpoints"])
                                  for t in res["memory"]["trip_counts"]}
     assert (tmp_path / "while_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| engine | gradient time |" in (tmp_path / "while_loops.md").read_text()
+    assert "| engine | gradient time [quartiles] |" in (tmp_path / "while_loops.md").read_text()

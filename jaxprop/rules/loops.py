@@ -24,6 +24,11 @@ slots:
 A loop of ``T ≤ C`` steps keeps every carry and re-evaluates nothing. Memory: ``C`` carries
 (plus, for a scan, its inputs and outputs). The recomputed steps are counted
 (:func:`jaxprop.checkpointing.recomputed_steps` is the same schedule in Python).
+
+Both passes are plain ``lax`` loops, so they run under ``jax.vmap`` (a batched while loop
+steps ``x ← select(pred(x), body(x), x)`` while any element runs, each element stopping at
+its own step) and are differentiated again by these same handlers (grad of grad). Loops
+nested in the body meet this handler again when the step is reversed on its tape.
 """
 
 from __future__ import annotations
