@@ -52,12 +52,13 @@ __all__ = ["checkpointed_scan", "checkpointed_while"]
 
 class _Loop:
     """The static description of a loop: ``body`` (a ClosedJaxpr: consts ‖ carry ‖ x_t ->
-    carry ‖ y_t), counts, which body inputs are differentiated, and the budget ``n``."""
+    carry ‖ y_t), counts, which body inputs are differentiated, the budget ``n``, and for a
+    scan its ``length`` and direction."""
 
     def __init__(self, body: Any, n_consts: int, n_carry: int, diff: tuple, n: int,
-                 reverse: bool = False) -> None:
+                 length: int | None = None, reverse: bool = False) -> None:
         self.body, self.n_consts, self.n_carry, self.diff = body, n_consts, n_carry, diff
-        self.n, self.reverse = n, reverse
+        self.n, self.length, self.reverse = n, length, reverse
 
     def step(self, consts: Sequence[Any], carry: Sequence[Any], x_t: Sequence[Any]) -> list:
         """carry ‖ y_t, evaluated on the current trace (no tape)."""
@@ -114,7 +115,7 @@ def checkpointed_scan(trace: JaxpropTrace, primitive: Any, values: Sequence[Any]
     n_c, n_k, length = params["num_consts"], params["num_carry"], params["length"]
     body = params["jaxpr"]
     diff = tuple(_scan_diff(body.jaxpr, slots, n_c, n_k))
-    loop = _Loop(body, n_c, n_k, diff, n, reverse=params["reverse"])
+    loop = _Loop(body, n_c, n_k, diff, n, length, params["reverse"])
     with _jax.set_current_trace(trace.parent):
         carry, ys, saved = _forward(loop, values[:n_c], values[n_c:n_c + n_k],
                                     values[n_c + n_k:], None, length)
@@ -204,7 +205,7 @@ class _Reversal:
         self.values = values = list(node.inputs[node.params["offset"]:])
         self.saved, n_c, n_k = node.residuals, loop.n_consts, loop.n_carry
         self.consts, self.xs = values[:n_c], values[n_c + n_k:]
-        self.length = jnp.shape(self.xs[0])[0] if self.xs else None
+        self.length = loop.length
         self.carry_d = [i for i in range(n_c, n_c + n_k) if loop.diff[i]]
         self.const_d = [i for i in range(n_c) if loop.diff[i]]
         self.xs_d = [i for i in range(n_c + n_k, len(values)) if loop.diff[i]]

@@ -258,3 +258,15 @@ def test_scan_with_checkpoint_budget(reverse):
         jax.effects_barrier()
     assert_tree_close(got, jax.grad(f, argnums=(0, 1))(params, xs))
     assert counts and counts[0]["recomputed"] == recomputed_steps(30, 4)
+
+
+@pytest.mark.slow
+def test_scan_budget_without_xs_reversed():
+    """A scan with no xs, stacking ys, run in reverse, under a budget."""
+    def f(x):
+        carry, ys = lax.scan(lambda c, _: (jnp.sin(c) * x, c ** 2), x, None, length=9,
+                             reverse=True)
+        return carry.sum() + (ys * jnp.arange(9.0)[:, None]).sum()
+    x = normal(2)
+    with jaxprop.checkpoints(2, scans=True):
+        assert_tree_close(jax.jit(jaxprop.grad(f))(x), jax.grad(f)(x))
