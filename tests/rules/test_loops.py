@@ -154,7 +154,6 @@ def test_vmap_of_grad_and_grad_of_vmap():
 
 
 # -- nesting -----------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_nested_while_loops():
     def f(x, n, m):
         inner = lambda c: lax.fori_loop(0, m, lambda j, d: jnp.sin(d) * x + 0.1, c)
