@@ -10,21 +10,23 @@ The model is the predator–prey system
 with true parameters (α, β, γ, δ) = (1.5, 1, 3, 1). Observations are the true solution at
 ``--n-obs`` equally spaced times in (0, ``--t-end``], plus Gaussian noise (σ = ``--noise``,
 fixed ``--seed``). The fit starts from parameters off by up to ±35 % and trains log(α, β, γ, δ)
-with optax Adam on the mean squared error at the observation times. Everything runs in float64.
+with optax Adam (cosine-decayed learning rate) on the mean squared error at the observation
+times. Everything runs in float64.
 
 **The solver** is Dormand–Prince 5(4) written in plain JAX: seven stages (the last is the next
 step's first, FSAL), the 5th-order solution is propagated, the embedded 4th-order one gives the
 error estimate ``err = RMS((y5 − y4) / (atol + rtol · max(|y|, |y5|)))``. A step is accepted
-when ``err ≤ 1``, else rejected and retried smaller. The step size follows Hairer's PI
-controller: after an accepted step ``h ← h · clip(0.9 · err^−0.17 · err_prev^0.04, 0.2, 10)``;
-after a rejected one ``h ← h · max(0.9 · err^−0.2, 0.2)``. The whole solve is ONE
+when ``err ≤ 1``, else rejected and retried smaller. Hairer's PI controller sets the next step:
+after an accepted step ``h ← h · clip(0.9 · err^−0.17 · err_prev^0.04, 0.2, 10)``, after a
+rejected one ``h ← h · max(0.9 · err^−0.2, 0.2)``. The whole solve is ONE
 ``lax.while_loop`` whose iterations are attempted steps (accepted or rejected), so the trip count
 depends on the parameters and is unknown until the loop ends — the case ``jax.grad`` refuses.
 
 **Observation times are hit exactly**: a step that would pass the next observation time is
 shortened to end on it (``h_try = min(h, t_obs − t)``), and when such a step is accepted the
 state is written into the output buffer (``ys[i] = y``, ``t = t_obs[i]`` exactly). No
-interpolation; the controller's next proposal grows from the shortened step as usual. The loop
+interpolation; after a shortened step the next proposal is at least the step the controller had
+proposed (the shortening is not a verdict on the error), so steps stay long. The loop
 stops after the last observation or after ``--max-steps`` attempts; an unfinished solve leaves
 NaN in the output (the buffer starts as NaN), so the loss is NaN and the script stops with an
 error instead of fitting a truncated trajectory.
@@ -48,6 +50,7 @@ trajectories with the observations, the loss curve, the accepted step sizes over
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from functools import partial
@@ -72,8 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true",
                    help="differentiate without jax.jit: the while loop runs eagerly and jaxprop "
                         "unrolls it on its tape (slower; default: jax.jit(jaxprop.value_and_grad))")
-    p.add_argument("--steps", type=int, default=300, help="Adam steps (default 300)")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on log-parameters")
+    p.add_argument("--steps", type=int, default=200, help="Adam steps")
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="Adam's initial learning rate on log-parameters (cosine decay to 0)")
     p.add_argument("--t-end", type=float, default=10.0, help="end of the observation window")
     p.add_argument("--n-obs", type=int, default=40, help="number of observation times")
     p.add_argument("--noise", type=float, default=0.1, help="std of the observation noise")
@@ -132,7 +136,7 @@ def initial_state(y0: jax.Array, params: jax.Array, n_obs: int, h0: float, histo
     state = {"t": zero, "y": y0, "k1": lotka_volterra(params)(y0), "h": zero + h0,
              "err_prev": zero + 1e-4, "ys": jnp.full((n_obs, y0.size), jnp.nan, y0.dtype),
              "i": jnp.int32(0), "accepted": jnp.int32(0), "rejected": jnp.int32(0)}
-    if history:   # every attempt's (t, h, accepted), for the plot and the replay check
+    if history:   # every attempt's t, h, accepted?, shortened?, for the plot and the replay check
         state["hist"] = {"t": jnp.zeros(history, y0.dtype), "h": jnp.zeros(history, y0.dtype),
                          "ok": jnp.zeros(history, bool), "hit": jnp.zeros(history, bool)}
     return state
@@ -155,7 +159,8 @@ def attempt(state: dict, params: jax.Array, t_obs: jax.Array, rtol: float, atol:
     new = dict(state,
                t=jnp.where(ok, jnp.where(hit, t_next, t + h_try), t),
                y=jnp.where(ok, y5, y), k1=jnp.where(ok, k7, state["k1"]),
-               h=h_try * jnp.where(ok, grow, shrink),
+               h=jnp.where(ok, jnp.maximum(h_try * grow, jnp.where(hit, h, 0.0)),
+                           h_try * shrink),
                err_prev=jnp.where(ok, jnp.maximum(err, 1e-4), state["err_prev"]),
                ys=state["ys"].at[i].set(jnp.where(record, y5, state["ys"][i])),
                i=i + record.astype(i.dtype),
@@ -268,18 +273,19 @@ def fit(args: argparse.Namespace) -> dict:
     say = (lambda *a: None) if args.quiet else print
     start = time.perf_counter()
     t_obs, obs, x0 = make_data(args)
-    opt = optax.adam(args.lr)
+    opt = optax.adam(optax.cosine_decay_schedule(args.lr, max(args.steps, 1)))
 
     def value_and_grad(x):
         return jaxprop.value_and_grad(loss)(x, t_obs, obs, args)
 
-    def train_step(x, opt_state):
-        value, g = value_and_grad(x)
-        updates, opt_state = opt.update(g, opt_state)
-        return optax.apply_updates(x, updates), opt_state, value
+    if not args.eager:   # the gradient through the while loop, as one XLA program
+        value_and_grad = jax.jit(value_and_grad)
 
-    if not args.eager:
-        value_and_grad, train_step = jax.jit(value_and_grad), jax.jit(train_step)
+    @jax.jit             # the optimiser step (no gradient in it: jit in both modes)
+    def adam_update(x, g, opt_state):
+        updates, opt_state = opt.update(g, opt_state)
+        return optax.apply_updates(x, updates), opt_state
+
     with eager_sweep_per_node(args.eager):
         t0 = time.perf_counter()
         try:
@@ -295,7 +301,8 @@ def fit(args: argparse.Namespace) -> dict:
         x, opt_state, losses = jnp.asarray(x0), opt.init(jnp.asarray(x0)), []
         t0 = time.perf_counter()
         for step in range(args.steps):
-            x, opt_state, value = train_step(x, opt_state)
+            value, g = value_and_grad(x)
+            x, opt_state = adam_update(x, g, opt_state)
             losses.append(float(value))
             if not np.isfinite(losses[-1]):
                 raise SystemExit(f"loss is {losses[-1]} at step {step}: a solve did not reach "
@@ -309,7 +316,8 @@ def fit(args: argparse.Namespace) -> dict:
     sol = jax.jit(lambda p: solve(jnp.exp(p), t_obs, args, history=True))(x)
     params = np.exp(np.asarray(x))
     metrics = {
-        "mode": "eager" if args.eager else "jit", "args": {k: str(v) for k, v in vars(args).items()},
+        "mode": "eager" if args.eager else "jit",
+        "args": {k: str(v) for k, v in vars(args).items()},
         "true_params": dict(zip(NAMES, TRUE_PARAMS.tolist())),
         "initial_params": dict(zip(NAMES, np.exp(x0).tolist())),
         "fitted_params": dict(zip(NAMES, params.tolist())),
@@ -336,7 +344,6 @@ def eager_sweep_per_node(eager: bool):
     """Eagerly, jaxprop would compile the sweep of a tape structure it sees a third time; the
     unrolled loop's tape is thousands of nodes and that compile takes minutes, so the eager path
     keeps the sweep per node (``jaxprop.inlining()``). Under jax.jit: nothing to do."""
-    import contextlib
     return jaxprop.inlining() if eager else contextlib.nullcontext()
 
 
@@ -349,7 +356,8 @@ def summary(m: dict, args: argparse.Namespace) -> str:
              f"{m['fitted_params'][n]:.3f}" for n in NAMES]
     rows += [f"loss {m['initial_loss']:.5f} -> {m['final_loss']:.5f} (noise variance "
              f"{m['noise_variance']:.5f}); largest parameter error {m['max_param_rel_err']:.1%}",
-             f"solver at the fit: {m['accepted_steps']} accepted, {m['rejected_steps']} rejected steps",
+             f"solver at the fit: {m['accepted_steps']} accepted, {m['rejected_steps']} "
+             "rejected steps",
              f"gradient vs jax.grad of the scan rewrite (same steps): rel. err "
              f"{c['scan_rel_err']:.1e} ({'ok' if c['scan_rel_err'] < SCAN_TOL else 'FAIL'})",
              f"gradient vs central finite differences: rel. err {c['fd_rel_err']:.1e} "
@@ -377,17 +385,22 @@ def plot(args, t_obs, obs, x0, x, losses, sol) -> None:
         ax1.plot(dense, trajectory(jnp.exp(x))[:, i], color=color, lw=1.5, label=f"{name}, fitted")
         ax1.plot(t_obs, obs[:, i], "o", color=color, ms=3.5)
     ax1.set(xlabel="t", title="Lotka–Volterra: observations (dots), true, fitted")
-    ax1.legend(fontsize=7, ncol=2)
+    ax1.set_ylim(top=1.4 * float(jnp.max(obs)))
+    ax1.legend(fontsize=7, ncol=2, loc="upper left")
     ax2.semilogy(losses, label="loss (MSE)")
     ax2.axhline(args.noise ** 2, color="gray", ls=":", label="noise variance")
     ax2.set(xlabel="Adam step", title="loss (jaxprop gradient through the while loop)")
     ax2.legend(fontsize=8)
     n = int(sol["accepted"] + sol["rejected"])
-    t, h, ok = (np.asarray(sol["hist"][k][:n]) for k in ("t", "h", "ok"))
-    ax3.semilogy(t[ok], h[ok], ".-", ms=3, lw=0.8, label=f"accepted ({ok.sum()})")
+    t, h, ok, hit = (np.asarray(sol["hist"][k][:n]) for k in ("t", "h", "ok", "hit"))
+    free = ok & ~hit
+    ax3.semilogy(t[free], h[free], ".-", ms=3, lw=0.8,
+                 label=f"accepted, controller's size ({free.sum()})")
+    ax3.semilogy(t[ok & hit], h[ok & hit], "o", mfc="none", ms=3.5, color="gray",
+                 label=f"accepted, shortened to an observation time ({(ok & hit).sum()})")
     ax3.semilogy(t[~ok], h[~ok], "x", color="tab:red", label=f"rejected ({(~ok).sum()})")
-    ax3.set(xlabel="t", ylabel="step size h",
-            title="Dormand–Prince step sizes at the fit (shortened at observations)")
+    ax3.set(xlabel="t (start of the step)", ylabel="step size h",
+            title="Dormand–Prince steps at the fitted parameters")
     ax3.legend(fontsize=8)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
