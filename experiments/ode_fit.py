@@ -230,14 +230,15 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
-def gradient_checks(grad_fn, x: np.ndarray, t_obs, obs, cfg) -> dict:
-    """jaxprop's while-loop gradient at x (log-parameters) against the scan rewrite, central
-    finite differences and the frozen-step replay."""
-    sol = jax.jit(lambda p: solve(jnp.exp(p), t_obs, cfg, history=True))(x)
+def gradient_checks(grad_fn, loss_fn, history_fn, x: np.ndarray, t_obs, obs, cfg) -> dict:
+    """jaxprop's while-loop gradient ``grad_fn`` at x (log-parameters) against the scan rewrite,
+    central finite differences of ``loss_fn`` and the frozen-step replay of the steps
+    ``history_fn`` takes."""
+    sol = history_fn(x)
     trips = int(sol["accepted"] + sol["rejected"])
     _, g = grad_fn(x)
     g_scan = jax.jit(jax.grad(lambda p: loss_scan(p, t_obs, obs, cfg, trips)))(x)
-    fd = central_differences(jax.jit(lambda p: loss(p, t_obs, obs, cfg)), x, cfg.fd_eps)
+    fd = central_differences(loss_fn, x, cfg.fd_eps)
     ok = np.asarray(sol["hist"]["ok"][:trips])
     hs = jnp.asarray(np.asarray(sol["hist"]["h"][:trips])[ok])
     hits = np.flatnonzero(np.asarray(sol["hist"]["hit"][:trips])[ok])
@@ -245,7 +246,7 @@ def gradient_checks(grad_fn, x: np.ndarray, t_obs, obs, cfg) -> dict:
     replay_loss, g_replay = replay(x)
     return {"grad": np.asarray(g).tolist(), "trips": trips,
             "scan_rel_err": rel_err(g, g_scan), "fd_rel_err": rel_err(g, fd),
-            "replay_loss_rel_err": rel_err(replay_loss, loss(x, t_obs, obs, cfg)),
+            "replay_loss_rel_err": rel_err(replay_loss, loss_fn(x)),
             "replay_grad_rel_diff": rel_err(g, g_replay)}
 
 
@@ -278,6 +279,8 @@ def fit(args: argparse.Namespace) -> dict:
     def value_and_grad(x):
         return jaxprop.value_and_grad(loss)(x, t_obs, obs, args)
 
+    loss_fn = jax.jit(lambda p: loss(p, t_obs, obs, args))                  # no gradient
+    history_fn = jax.jit(lambda p: solve(jnp.exp(p), t_obs, args, history=True))
     if not args.eager:   # the gradient through the while loop, as one XLA program
         value_and_grad = jax.jit(value_and_grad)
 
@@ -294,7 +297,7 @@ def fit(args: argparse.Namespace) -> dict:
             raise SystemExit(f"{e}\n\nThis jaxprop cannot yet differentiate lax.while_loop "
                              "under jax.jit; run with --eager.") from None
         first_grad_s = time.perf_counter() - t0
-        checks = gradient_checks(value_and_grad, x0, t_obs, obs, args)
+        checks = gradient_checks(value_and_grad, loss_fn, history_fn, x0, t_obs, obs, args)
         say(f"gradient checks at the initial guess ({checks['trips']} attempted steps): "
             f"scan {checks['scan_rel_err']:.1e}, finite differences {checks['fd_rel_err']:.1e}")
 
@@ -312,8 +315,7 @@ def fit(args: argparse.Namespace) -> dict:
                 say(f"step {step:4d}  loss {losses[-1]:.5f}  params "
                     + " ".join(f"{v:.3f}" for v in np.exp(np.asarray(x))))
         train_s = time.perf_counter() - t0
-    final_loss = float(jax.jit(lambda p: loss(p, t_obs, obs, args))(x))
-    sol = jax.jit(lambda p: solve(jnp.exp(p), t_obs, args, history=True))(x)
+    final_loss, sol = float(loss_fn(x)), history_fn(x)
     params = np.exp(np.asarray(x))
     metrics = {
         "mode": "eager" if args.eager else "jit",

@@ -1,5 +1,6 @@
 """experiments/train.py in short mode: loss falls, metrics pass floors, jaxprop matches jax.grad,
---resume repeats an uninterrupted run exactly, bad checkpoints give clear errors."""
+--resume repeats an uninterrupted run exactly, bad checkpoints give clear errors; ode_fit.py's
+gradient through an adaptive ODE solver's while loop passes its checks and the fit learns."""
 
 import json
 import subprocess
