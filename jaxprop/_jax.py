@@ -8,6 +8,7 @@ and source-location helpers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -358,6 +359,16 @@ def residual_spec(x: Any, mesh: Any, check_vma: bool, manual_axes: Any) -> Any:
     names = tuple(n for n in mesh.axis_names if n in manual_axes
                   and (not check_vma or n in varying_axes(x)))
     return _P(names) if names else _P()
+
+
+@contextlib.contextmanager
+def outside_traces() -> Any:
+    """Evaluate concretely on no mesh, even inside an eager ``shard_map`` body (where
+    ``jax.ensure_compile_time_eval`` still yields per-device tracers): for constants that are
+    made once and cached."""
+    with set_current_trace(_core.EvalTrace()), jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((), ())):
+        yield
 
 
 def ct_spec(spec: Any) -> Any:

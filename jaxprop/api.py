@@ -79,7 +79,7 @@ def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: A
 def _unit(dtype: Any) -> Any:
     """The scalar 1 of ``dtype``: the seed cotangent of a scalar loss (one concrete array,
     made once, even when first asked for under a transform)."""
-    with jax.ensure_compile_time_eval():
+    with _jax.outside_traces():  # not a per-device value of an eager shard_map body
         return jnp.ones((), dtype)
 
 

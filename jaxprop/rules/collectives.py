@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 from jax import lax
 
 from jaxprop import _jax
@@ -110,10 +111,11 @@ def _all_gather_invariant_vjp(ct: Any, out: Any, x: Any, *, all_gather_dimension
 
 
 def _pbroadcast_vjp(ct: Any, out: Any, x: Any, *, axis_name: Any, source: int) -> Any:
-    """pbroadcast: ct_x = Σ_devices ct on the source device, 0 elsewhere."""
+    """pbroadcast: ct_x = Σ_devices ct on the source device, 0 elsewhere. (JAX 0.10's own
+    transpose fills with ``full_like``, so it handles scalars only; this is the same map for
+    any shape.)"""
     total = lax.psum(ct, axis_name)
-    return lax.select(lax.axis_index(axis_name) == source, lax.full_like(ct, total),
-                      lax.full_like(ct, 0))
+    return jnp.where(lax.axis_index(axis_name) == source, total, jnp.zeros_like(total))
 
 
 defvjp("all_gather_invariant", _all_gather_invariant_vjp)
