@@ -75,9 +75,12 @@ def shard_map_node(trace: JaxpropTrace, tracers: Sequence[Any], p: dict) -> list
         raise NotImplementedError(
             "jaxprop cannot record a shard_map applied to the tangents of a custom_jvp rule; "
             "use jax.custom_vjp for a rule that contains a shard_map.")
-    forward = _forward(values, diff, p)
-    outs, residuals, static = forward(trace.parent, values)
-    info = dict(p, diff=diff, layout=static["layout"], res_specs=static["res_specs"])
+    key = _structure_key(values, diff, p) if _jax.is_eager(trace.parent) else None
+    if key is None:
+        outs, residuals, static = _forward(trace.parent, values, diff, p)
+    else:  # eagerly: one compiled program (JAX's eager shard_map runs op by op)
+        outs, residuals, static = _compiled(key, lambda: _CompiledForward(diff, p))(values)
+    info = dict(p, diff=diff, key=key, layout=static["layout"], res_specs=static["res_specs"])
     return trace.record(_jax.SHARD_MAP, info, values, slots, outs, _shard_map_rule,
                         residuals=(residuals, static["fixed"]), multiple_results=True)
 
@@ -98,27 +101,68 @@ def _map_params(p: dict, in_specs: Sequence[Any]) -> dict:
 
 
 # -- forward ------------------------------------------------------------------------------
-def _forward(values: Sequence[Any], diff: tuple, p: dict) -> Callable:
-    """``forward(trace, values) -> (outputs, residuals, static)``, compiled and cached when
-    ``trace`` is eager."""
-    def run(trace: Any, values: Sequence[Any]) -> tuple:
-        static: dict = {}
+def _forward(trace: Any, values: Sequence[Any], diff: tuple, p: dict) -> tuple:
+    """The forward shard_map on ``trace``: (outputs, residuals, static), where static holds
+    the tape's layout, its fixed arrays and the residuals' PartitionSpecs."""
+    static: dict = {}
 
-        def per_device(*xs: Any) -> tuple:
-            body_trace = _jax.get_current_trace()
-            outs, tape = _traced_vjp(p["jaxpr"], xs, diff)
-            layout, residuals, fixed = _Layout.of(tape, body_trace, xs)
-            specs = [_jax.residual_spec(r, p["mesh"], p["check_vma"], p["newly_manual_axes"])
-                     for r in residuals]
-            static.update(layout=layout, fixed=fixed, res_specs=tuple(specs))
-            return ([*outs, *(lax.expand_dims(r, (0,)) for r in residuals)],
-                    [*p["out_specs"], *specs])
+    def per_device(*xs: Any) -> tuple:
+        body_trace = _jax.get_current_trace()
+        outs, tape = _traced_vjp(p["jaxpr"], xs, diff)
+        layout, residuals, fixed = _Layout.of(tape, body_trace, xs)
+        specs = [_jax.residual_spec(r, p["mesh"], p["check_vma"], p["newly_manual_axes"])
+                 for r in residuals]
+        static.update(layout=layout, fixed=fixed, res_specs=tuple(specs))
+        return ([*outs, *(lax.expand_dims(r, (0,)) for r in residuals)],
+                [*p["out_specs"], *specs])
 
-        flat = _jax.bind_shard_map(trace, values, per_device, **_map_params(p, p["in_specs"]))
-        n = len(p["out_specs"])
-        return flat[:n], flat[n:], static
+    flat = _jax.bind_shard_map(trace, values, per_device, **_map_params(p, p["in_specs"]))
+    n = len(p["out_specs"])
+    return flat[:n], flat[n:], static
 
-    return run
+
+class _CompiledForward:
+    """:func:`_forward` as one jitted program; ``static`` is filled when it is traced."""
+
+    def __init__(self, diff: tuple, p: dict) -> None:
+        self.static: dict = {}
+
+        def run(values: list) -> tuple:
+            outs, residuals, self.static = _forward(_jax.get_current_trace(), values, diff, p)
+            return outs, residuals
+
+        self._fn = jax.jit(run)
+
+    def __call__(self, values: Sequence[Any]) -> tuple:
+        outs, residuals = self._fn(list(values))
+        return outs, residuals, self.static
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(key: Any, make: Callable[[], Any]) -> Any:
+    """The compiled program cached under ``key`` (made by ``make()`` the first time)."""
+    fn = _COMPILED.get(key)
+    if fn is None:
+        if len(_COMPILED) > 256:
+            _COMPILED.clear()
+        fn = _COMPILED[key] = make()
+    return fn
+
+
+def _structure_key(values: Sequence[Any], diff: tuple, p: dict) -> Any:
+    """A hashable key for this call's programs (body, params, types), or None."""
+    body = _jax.jaxpr_key(p["jaxpr"])
+    if body is None:
+        return None
+    static = tuple((k, v) for k, v in p.items() if k != "jaxpr")
+    try:
+        key = (body, static, diff, tuple(_jax.aval_of(v) for v in values))
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 # -- backward -----------------------------------------------------------------------------
@@ -136,14 +180,6 @@ def _shard_map_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     out_ct_specs = [_jax.ct_spec(p["out_specs"][j]) for j in present]
     in_ct_specs = [_jax.ct_spec(p["in_specs"][i]) for i in wants]
 
-    given = []
-    for j, spec in zip(present, out_ct_specs):
-        ct = cts[j]
-        if not check_vma:  # JAX: an out ct is split among the devices its spec replicates over
-            n = _unmentioned_size(mesh, spec, manual)
-            ct = ct / n if n != 1 else ct
-        given.append(ct)
-
     def per_device(*xs: Any) -> tuple:
         ct_out, res, ins = (xs[:len(present)], xs[len(present):len(present) + len(residuals)],
                             xs[len(present) + len(residuals):])
@@ -154,29 +190,42 @@ def _shard_map_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
         out_cts: list = [None] * len(cts)
         for j, ct in zip(present, ct_out):
             out_cts[j] = ct
-        in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
-        by_input = dict(zip(diff_positions, in_cts))
-        result = []
-        for i, spec in zip(wants, in_ct_specs):
-            ct = by_input[i]
-            aval = body_avals[i]
-            ct = jnp.zeros(aval.shape, aval.dtype) if ct is None else ct.astype(aval.dtype)
-            if check_vma:
-                ct = _jax.pvary(ct, tuple(_jax.spec_axes(spec)))
-            else:  # JAX: sum over the devices the input's spec replicates over
-                axes = _unmentioned(mesh, spec, manual)
-                ct = lax.psum(ct, axes) if axes else ct
-            result.append(ct)
-        return result, in_ct_specs
+        in_cts = dict(zip(diff_positions,
+                          backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)))
+        return [_input_ct(in_cts[i], body_avals[i], spec, p)
+                for i, spec in zip(wants, in_ct_specs)], in_ct_specs
 
-    args = [*given, *residuals, *(node.inputs[i] for i in read)]
-    specs = [*out_ct_specs, *p["res_specs"], *(p["in_specs"][i] for i in read)]
-    in_cts = _jax.bind_shard_map(_jax.get_current_trace(), args, per_device,
-                                 **_map_params(p, specs))
+    def run(given: list, residuals: list, inputs: list) -> list:
+        if not check_vma:  # JAX: an out ct is split among the devices its spec replicates over
+            given = [_divide(ct, _unmentioned_size(mesh, spec, manual))
+                     for ct, spec in zip(given, out_ct_specs)]
+        specs = [*out_ct_specs, *p["res_specs"], *(p["in_specs"][i] for i in read)]
+        return _jax.bind_shard_map(_jax.get_current_trace(), [*given, *residuals, *inputs],
+                                   per_device, **_map_params(p, specs))
+
+    args = ([cts[j] for j in present], list(residuals), [node.inputs[i] for i in read])
+    if p["key"] is not None and _jax.is_eager(_jax.get_current_trace()):
+        run = _compiled((p["key"], tuple(present), tuple(wants)), lambda: jax.jit(run))
+    in_cts = run(*args)
     out: list[Cotangent] = [None] * len(node.inputs)
     for i, ct in zip(wants, in_cts):
         out[i] = ct
     return out
+
+
+def _input_ct(ct: Cotangent, aval: Any, spec: Any, p: dict) -> Any:
+    """A body input's cotangent as the backward shard_map returns it: zeros for a symbolic
+    zero; varying over the axes its spec shards over (check_vma=True), or, as JAX does,
+    summed over the manual axes its spec does not mention (check_vma=False)."""
+    ct = jnp.zeros(aval.shape, aval.dtype) if ct is None else ct.astype(aval.dtype)
+    if p["check_vma"]:
+        return _jax.pvary(ct, tuple(_jax.spec_axes(spec)))
+    axes = _unmentioned(p["mesh"], spec, p["newly_manual_axes"])
+    return lax.psum(ct, axes) if axes else ct
+
+
+def _divide(ct: Any, n: int) -> Any:
+    return ct / n if n != 1 else ct
 
 
 def _unmentioned(mesh: Any, spec: Any, manual: Any) -> tuple:
