@@ -31,10 +31,11 @@ def close(a, b, tol=2e-5):
                                                          rtol=tol, atol=tol), a, b)
 
 
-def both(make, *args, jit=True):
+def both(make, *args, eager=True, jit=True):
     """make(grad) -> function; jaxprop's result equals JAX's (eagerly, and jitted)."""
-    expected = make(jax.grad)(*args)
-    close(make(jaxprop.grad)(*args), expected)
+    expected = jax.jit(make(jax.grad))(*args)
+    if eager:
+        close(make(jaxprop.grad)(*args), expected)
     if jit:
         close(jax.jit(make(jaxprop.grad))(*args), expected)
     return expected
@@ -53,8 +54,8 @@ def per_device_psum_grad(check_vma):
 def test_trap_psum_vs_psum_invariant():
     """Same code, per-device gradients 8x apart between check_vma=False (psum: its
     transpose sums the cotangents again) and check_vma=True (psum_invariant -> pvary)."""
-    vma = both(per_device_psum_grad(True), X)
-    plain = both(per_device_psum_grad(False), X)
+    vma = both(per_device_psum_grad(True), X, eager=False)
+    plain = both(per_device_psum_grad(False), X, eager=False)
     close(plain, 8 * vma, tol=1e-4)
 
 
@@ -68,6 +69,7 @@ def grad_then_pmean(check_vma):
     return make
 
 
+@pytest.mark.slow
 def test_trap_grad_then_pmean_is_n_times_under_check_vma():
     single = jax.grad(lambda w: jnp.mean((X @ w) ** 2))(W)
     close(both(grad_then_pmean(True), W, X), 8 * single, tol=1e-4)
@@ -90,7 +92,7 @@ def test_data_parallel_loss_outside_equals_single_device(check_vma):
         return local(w, x)
     single = jax.grad(lambda w: jnp.mean(jnp.tanh(X @ w) ** 2))(W)
     close(jaxprop.grad(loss)(W, X), single, tol=1e-5)
-    close(jax.jit(jaxprop.grad(loss))(W, X), jax.grad(loss)(W, X))
+    close(jax.jit(jaxprop.grad(loss))(W, X), jax.jit(jax.grad(loss))(W, X))
 
 
 # -- pmap and the deprecated experimental shard_map --------------------------------------------
@@ -110,6 +112,7 @@ def test_pmap_gradient_outside_and_inside():
     both(inside, xs, jit=False)
 
 
+@pytest.mark.slow
 def test_experimental_shard_map():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -119,7 +122,7 @@ def test_experimental_shard_map():
         f = shard_map(lambda w, x: lax.psum(jnp.sum(jnp.cos(x * w)), "i"), mesh=MESH,
                       in_specs=(P(), P("i")), out_specs=P())
         return f(w, x) ** 2
-    close(jaxprop.grad(loss, argnums=(0, 1))(W, X), jax.grad(loss, argnums=(0, 1))(W, X))
+    close(jaxprop.grad(loss, argnums=(0, 1))(W, X), jax.jit(jax.grad(loss, argnums=(0, 1)))(W, X))
 
 
 # -- vmap with axis_name ----------------------------------------------------------------------
@@ -133,7 +136,8 @@ VMAP_BODIES = {
 }
 
 
-@pytest.mark.parametrize("name", list(VMAP_BODIES))
+@pytest.mark.parametrize("name", [n if n == "psum" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in VMAP_BODIES])
 def test_vmap_axis_name_gradient_outside(name):
     f = VMAP_BODIES[name]
     xs = X[:8] if name != "psum_scatter" else rand((8, 16), 2)
@@ -142,7 +146,8 @@ def test_vmap_axis_name_gradient_outside(name):
     close(jax.jit(jaxprop.grad(loss))(xs), jax.grad(loss)(xs))
 
 
-@pytest.mark.parametrize("name", list(VMAP_BODIES))
+@pytest.mark.parametrize("name", [n if n == "all_gather" else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in VMAP_BODIES])
 def test_vmap_axis_name_gradient_inside(name):
     f = VMAP_BODIES[name]
     xs = X[:8] if name != "psum_scatter" else rand((8, 16), 2)
@@ -151,6 +156,7 @@ def test_vmap_axis_name_gradient_inside(name):
 
 
 # -- second order, closures, 2-D meshes, nested maps ------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("check_vma", [True, False])
 def test_second_order_outside(check_vma):
     def loss(w, x):
@@ -161,6 +167,7 @@ def test_second_order_outside(check_vma):
     both(hvp, W, X)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check_vma", [True, False])
 def test_second_order_inside(check_vma):
     def make(grad):
@@ -172,16 +179,18 @@ def test_second_order_inside(check_vma):
     both(make, W, X)
 
 
+@pytest.mark.slow
 def test_closed_over_differentiated_value():
     def loss(w, x):
         f = jax.shard_map(lambda x: lax.psum(jnp.sum(jnp.sin(x * w)), "i"), mesh=MESH,
                           in_specs=P("i"), out_specs=P())
         return f(x)
-    close(jaxprop.grad(loss, argnums=(0, 1))(W, X), jax.grad(loss, argnums=(0, 1))(W, X))
+    close(jaxprop.grad(loss, argnums=(0, 1))(W, X), jax.jit(jax.grad(loss, argnums=(0, 1)))(W, X))
     close(jax.jit(jaxprop.grad(loss, argnums=(0, 1)))(W, X),
-          jax.grad(loss, argnums=(0, 1))(W, X))
+          jax.jit(jax.grad(loss, argnums=(0, 1)))(W, X))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check_vma", [True, False])
 def test_two_dimensional_mesh(check_vma):
     x = rand((4, 8), 3)
@@ -195,11 +204,12 @@ def test_two_dimensional_mesh(check_vma):
                           out_specs=P("a", "b"), check_vma=check_vma)
         return jnp.sum(jnp.cos(f(w, x)))
     w = rand((1, 8), 4)
-    close(jaxprop.grad(loss, argnums=(0, 1))(w, x), jax.grad(loss, argnums=(0, 1))(w, x))
+    close(jaxprop.grad(loss, argnums=(0, 1))(w, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x))
     close(jax.jit(jaxprop.grad(loss, argnums=(0, 1)))(w, x),
-          jax.grad(loss, argnums=(0, 1))(w, x))
+          jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x))
 
 
+@pytest.mark.slow
 def test_partial_manual_axes():
     def loss(w, x):
         f = jax.shard_map(lambda w, x: lax.psum(jnp.sin(x * w), "a"), mesh=MESH2,
@@ -211,6 +221,7 @@ def test_partial_manual_axes():
           jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x))
 
 
+@pytest.mark.slow
 def test_scan_and_jit_inside_the_body():
     def loss(w, x):
         def body(w, x):
@@ -218,13 +229,15 @@ def test_scan_and_jit_inside_the_body():
             c, _ = lax.scan(step, x[0] * 0.0, x)
             return jax.jit(lambda c: lax.psum(jnp.sum(c ** 2), "i"))(c)
         return jax.shard_map(body, mesh=MESH, in_specs=(P(), P("i")), out_specs=P())(w, x)
-    close(jaxprop.grad(loss, argnums=(0, 1))(W, X), jax.grad(loss, argnums=(0, 1))(W, X))
+    close(jaxprop.grad(loss, argnums=(0, 1))(W, X), jax.jit(jax.grad(loss, argnums=(0, 1)))(W, X))
     close(jax.jit(jaxprop.grad(loss, argnums=(0, 1)))(W, X),
-          jax.grad(loss, argnums=(0, 1))(W, X))
+          jax.jit(jax.grad(loss, argnums=(0, 1)))(W, X))
 
 
-def test_eager_gradient_inside_an_eager_body():
-    both(per_device_psum_grad(True), X, jit=False)
+@pytest.mark.slow
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_eager_gradient_inside_an_eager_body(check_vma):
+    both(per_device_psum_grad(check_vma), X, jit=False)
 
 
 # -- errors as JAX gives them -----------------------------------------------------------------
@@ -238,7 +251,7 @@ def test_pmax_pmin_have_no_gradient(prim):
     with pytest.raises(NoCollectiveDerivative, match="all_gather"):
         jaxprop.grad(loss)(X)
     stopped = lambda x: loss(lax.stop_gradient(x)) + jnp.sum(x)  # fine under stop_gradient
-    close(jaxprop.grad(stopped)(X), jax.grad(stopped)(X))
+    close(jaxprop.grad(stopped)(X), jax.jit(jax.grad(stopped))(X))
 
 
 def _raised(fn):
