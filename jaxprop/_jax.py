@@ -286,6 +286,7 @@ _custom_derivatives._maybe_perturbed = (
 # ``jax.shard_map`` reaches a trace through ``trace.process_shard_map(prim, fun, args,
 # **params)`` (not ``process_primitive``); ``fun`` returns a FlatTree tagged with the output
 # PartitionSpecs. The helpers below are the only places that know that protocol.
+from jax._src import api_util as _api_util  # noqa: E402
 from jax._src import config as _config  # noqa: E402
 from jax._src import shard_map as _shard_map  # noqa: E402
 from jax._src.lax import parallel as _parallel  # noqa: E402
@@ -375,5 +376,3 @@ def ct_spec(spec: Any) -> Any:
     """The PartitionSpec of a cotangent of a value with PartitionSpec ``spec``."""
     return spec.to_ct_spec()
 
-
-from jax._src import api_util as _api_util  # noqa: E402

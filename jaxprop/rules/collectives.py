@@ -29,6 +29,12 @@ JAX, ``lax.pcast``)        unchanged                             over devices of
 
 ``pmean`` is ``psum`` (either flavour) then ``/ N``: it has no primitive of its own.
 
+Two places where jaxprop differentiates what JAX 0.10.2 cannot (same map, values checked
+against an equivalent program JAX does differentiate): an untiled ``all_to_all`` with
+``split_axis != concat_axis`` (JAX's transpose re-applies the public wrapper's unit-axis
+reshapes and returns a cotangent of the wrong shape; jaxprop binds the primitive with the
+axes swapped), and ``pbroadcast`` of a non-scalar (JAX fills with ``full_like``).
+
 Two consequences of these transposes that users meet (JAX's semantics, reproduced exactly):
 ``psum`` and ``psum_invariant`` differ by a factor N in the per-device gradient (a psum is
 "psum + broadcast", so its transpose sums the cotangents again); and under

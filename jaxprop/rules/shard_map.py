@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import Literal
 
 from jaxprop import _jax
 from jaxprop.registry import Cotangent, Node
@@ -50,16 +51,10 @@ def shard_map_call(trace: JaxpropTrace, primitive: Any, fun: Callable, args: Seq
     (eqn,) = closed.jaxpr.eqns
     env = dict(zip(closed.jaxpr.constvars, closed.consts))
     env.update(zip(closed.jaxpr.invars, args))
-    inputs = [v.val if isinstance(v, _jax_literal()) else env[v] for v in eqn.invars]
-    outs = shard_map_node(trace, inputs, eqn.params)
-    env.update(zip(eqn.outvars, outs))
-    flat = [v.val if isinstance(v, _jax_literal()) else env[v] for v in closed.jaxpr.outvars]
-    return pack(flat)
-
-
-def _jax_literal() -> type:
-    from jax.extend.core import Literal
-    return Literal
+    read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+    env.update(zip(eqn.outvars, shard_map_node(trace, [read(v) for v in eqn.invars],
+                                               eqn.params)))
+    return pack([read(v) for v in closed.jaxpr.outvars])
 
 
 def shard_map_node(trace: JaxpropTrace, tracers: Sequence[Any], p: dict) -> list[Any]:

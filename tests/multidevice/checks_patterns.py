@@ -31,6 +31,15 @@ def close(a, b, tol=2e-5):
                                                          rtol=tol, atol=tol), a, b)
 
 
+def same_grads(loss, *args, eager=True):
+    """jaxprop.grad of ``loss`` w.r.t. all its arguments equals jax.grad's (eager and jit)."""
+    argnums = tuple(range(len(args)))
+    expected = jax.jit(jax.grad(loss, argnums=argnums))(*args)
+    if eager:
+        close(jaxprop.grad(loss, argnums=argnums)(*args), expected)
+    close(jax.jit(jaxprop.grad(loss, argnums=argnums))(*args), expected)
+
+
 def both(make, *args, eager=True, jit=True):
     """make(grad) -> function; jaxprop's result equals JAX's (eagerly, and jitted)."""
     expected = jax.jit(make(jax.grad))(*args)
@@ -122,7 +131,7 @@ def test_experimental_shard_map():
         f = shard_map(lambda w, x: lax.psum(jnp.sum(jnp.cos(x * w)), "i"), mesh=MESH,
                       in_specs=(P(), P("i")), out_specs=P())
         return f(w, x) ** 2
-    close(jaxprop.grad(loss, argnums=(0, 1))(W, X), jax.jit(jax.grad(loss, argnums=(0, 1)))(W, X))
+    same_grads(loss, W, X)
 
 
 # -- vmap with axis_name ----------------------------------------------------------------------
@@ -185,9 +194,7 @@ def test_closed_over_differentiated_value():
         f = jax.shard_map(lambda x: lax.psum(jnp.sum(jnp.sin(x * w)), "i"), mesh=MESH,
                           in_specs=P("i"), out_specs=P())
         return f(x)
-    close(jaxprop.grad(loss, argnums=(0, 1))(W, X), jax.jit(jax.grad(loss, argnums=(0, 1)))(W, X))
-    close(jax.jit(jaxprop.grad(loss, argnums=(0, 1)))(W, X),
-          jax.jit(jax.grad(loss, argnums=(0, 1)))(W, X))
+    same_grads(loss, W, X)
 
 
 @pytest.mark.slow
@@ -203,10 +210,7 @@ def test_two_dimensional_mesh(check_vma):
         f = jax.shard_map(body, mesh=MESH2, in_specs=(P(None, "b"), P("a", "b")),
                           out_specs=P("a", "b"), check_vma=check_vma)
         return jnp.sum(jnp.cos(f(w, x)))
-    w = rand((1, 8), 4)
-    close(jaxprop.grad(loss, argnums=(0, 1))(w, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x))
-    close(jax.jit(jaxprop.grad(loss, argnums=(0, 1)))(w, x),
-          jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x))
+    same_grads(loss, rand((1, 8), 4), x)
 
 
 @pytest.mark.slow
@@ -215,10 +219,7 @@ def test_partial_manual_axes():
         f = jax.shard_map(lambda w, x: lax.psum(jnp.sin(x * w), "a"), mesh=MESH2,
                           in_specs=(P(), P("a")), out_specs=P(), axis_names={"a"})
         return jnp.sum(f(w, x) ** 2)
-    x = rand((4, 8), 5)
-    w = rand((8,), 6)
-    close(jax.jit(jaxprop.grad(loss, argnums=(0, 1)))(w, x),
-          jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x))
+    same_grads(loss, rand((8,), 6), rand((4, 8), 5), eager=False)
 
 
 @pytest.mark.slow
@@ -229,15 +230,30 @@ def test_scan_and_jit_inside_the_body():
             c, _ = lax.scan(step, x[0] * 0.0, x)
             return jax.jit(lambda c: lax.psum(jnp.sum(c ** 2), "i"))(c)
         return jax.shard_map(body, mesh=MESH, in_specs=(P(), P("i")), out_specs=P())(w, x)
-    close(jaxprop.grad(loss, argnums=(0, 1))(W, X), jax.jit(jax.grad(loss, argnums=(0, 1)))(W, X))
-    close(jax.jit(jaxprop.grad(loss, argnums=(0, 1)))(W, X),
-          jax.jit(jax.grad(loss, argnums=(0, 1)))(W, X))
+    same_grads(loss, W, X)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("check_vma", [True, False])
 def test_eager_gradient_inside_an_eager_body(check_vma):
     both(per_device_psum_grad(check_vma), X, jit=False)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_several_outputs_integer_and_constant_ones(check_vma):
+    """jaxprop.vjp with cotangents on some outputs; an integer output and one that depends on
+    no input get none."""
+    def f(w, x):
+        def body(w, x):
+            y = jnp.sin(x * w)
+            return lax.psum(y, "i"), jnp.argmax(y, axis=1), y * 2.0, jnp.ones(3)
+        return jax.shard_map(body, mesh=MESH, in_specs=(P(), P("i")),
+                             out_specs=(P(), P("i"), P("i"), P()), check_vma=check_vma)(w, x)
+    cts = (rand((2, 3), 7), np.zeros((16,), jax.dtypes.float0), rand((16, 3), 8),
+           jnp.zeros(3))
+    expected = jax.jit(lambda w, x, cts: jax.vjp(f, w, x)[1](cts))(W, X, cts)
+    close(jaxprop.vjp(f, W, X)[1](cts), expected)
+    close(jax.jit(lambda w, x, cts: jaxprop.vjp(f, w, x)[1](cts))(W, X, cts), expected)
 
 
 # -- errors as JAX gives them -----------------------------------------------------------------
