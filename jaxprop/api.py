@@ -79,7 +79,7 @@ def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: A
 def _unit(dtype: Any) -> Any:
     """The scalar 1 of ``dtype``: the seed cotangent of a scalar loss (one concrete array,
     made once, even when first asked for under a transform)."""
-    with jax.ensure_compile_time_eval():
+    with _jax.outside_traces():  # not a per-device value of an eager shard_map body
         return jnp.ones((), dtype)
 
 
@@ -122,7 +122,8 @@ def value_and_grad(fun: Callable, argnums: Argnums = 0, has_aux: bool = False,
 
         out, pullback, aux = _trace(partial_fun, chosen, has_aux)
         _check_scalar_output(out, holomorphic)
-        grads = pullback(_unit(_jax.aval_of(out).dtype))
+        seed = _jax.pvary(_unit(_jax.aval_of(out).dtype), tuple(_jax.varying_axes(out)))
+        grads = pullback(seed)  # varying where the loss is, as in a shard_map body
         grads = grads[0] if isinstance(argnums, int) else grads
         return ((out, aux), grads) if has_aux else (out, grads)
 
