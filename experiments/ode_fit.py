@@ -50,7 +50,6 @@ trajectories with the observations, the loss curve, the accepted step sizes over
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from functools import partial
@@ -289,32 +288,27 @@ def fit(args: argparse.Namespace) -> dict:
         updates, opt_state = opt.update(g, opt_state)
         return optax.apply_updates(x, updates), opt_state
 
-    with eager_sweep_per_node(args.eager):
-        t0 = time.perf_counter()
-        try:
-            jax.block_until_ready(value_and_grad(x0))
-        except jaxprop.rules.control.WhileLoopError as e:
-            raise SystemExit(f"{e}\n\nThis jaxprop cannot yet differentiate lax.while_loop "
-                             "under jax.jit; run with --eager.") from None
-        first_grad_s = time.perf_counter() - t0
-        checks = gradient_checks(value_and_grad, loss_fn, history_fn, x0, t_obs, obs, args)
-        say(f"gradient checks at the initial guess ({checks['trips']} attempted steps): "
-            f"scan {checks['scan_rel_err']:.1e}, finite differences {checks['fd_rel_err']:.1e}")
+    t0 = time.perf_counter()
+    jax.block_until_ready(value_and_grad(x0))
+    first_grad_s = time.perf_counter() - t0
+    checks = gradient_checks(value_and_grad, loss_fn, history_fn, x0, t_obs, obs, args)
+    say(f"gradient checks at the initial guess ({checks['trips']} attempted steps): "
+        f"scan {checks['scan_rel_err']:.1e}, finite differences {checks['fd_rel_err']:.1e}")
 
-        x, opt_state, losses = jnp.asarray(x0), opt.init(jnp.asarray(x0)), []
-        t0 = time.perf_counter()
-        for step in range(args.steps):
-            value, g = value_and_grad(x)
-            x, opt_state = adam_update(x, g, opt_state)
-            losses.append(float(value))
-            if not np.isfinite(losses[-1]):
-                raise SystemExit(f"loss is {losses[-1]} at step {step}: a solve did not reach "
-                                 f"t = {args.t_end} within --max-steps {args.max_steps} "
-                                 "attempts (raise it), or diverged (lower --lr).")
-            if step % max(1, args.steps // 10) == 0:
-                say(f"step {step:4d}  loss {losses[-1]:.5f}  params "
-                    + " ".join(f"{v:.3f}" for v in np.exp(np.asarray(x))))
-        train_s = time.perf_counter() - t0
+    x, opt_state, losses = jnp.asarray(x0), opt.init(jnp.asarray(x0)), []
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        value, g = value_and_grad(x)
+        x, opt_state = adam_update(x, g, opt_state)
+        losses.append(float(value))
+        if not np.isfinite(losses[-1]):
+            raise SystemExit(f"loss is {losses[-1]} at step {step}: a solve did not reach "
+                             f"t = {args.t_end} within --max-steps {args.max_steps} "
+                             "attempts (raise it), or diverged (lower --lr).")
+        if step % max(1, args.steps // 10) == 0:
+            say(f"step {step:4d}  loss {losses[-1]:.5f}  params "
+                + " ".join(f"{v:.3f}" for v in np.exp(np.asarray(x))))
+    train_s = time.perf_counter() - t0
     final_loss, sol = float(loss_fn(x)), history_fn(x)
     params = np.exp(np.asarray(x))
     metrics = {
@@ -340,13 +334,6 @@ def fit(args: argparse.Namespace) -> dict:
     if not metrics["checks_pass"]:
         raise SystemExit("gradient check FAILED (see above)")
     return metrics
-
-
-def eager_sweep_per_node(eager: bool):
-    """Eagerly, jaxprop would compile the sweep of a tape structure it sees a third time; the
-    unrolled loop's tape is thousands of nodes and that compile takes minutes, so the eager path
-    keeps the sweep per node (``jaxprop.inlining()``). Under jax.jit: nothing to do."""
-    return jaxprop.inlining() if eager else contextlib.nullcontext()
 
 
 def summary(m: dict, args: argparse.Namespace) -> str:

@@ -12,7 +12,9 @@ stays per node, as written, when user Python runs inside it or must see it: tape
 hooks or tags, ``custom_vjp`` backward functions (their nodes never compare equal), sweeps
 inside :func:`~jaxprop.inlining` (explain, the NaN search) or an ``override`` block, and
 sweeps under ``jax.jit`` or another jaxprop trace (there they are compiled with the rest).
-A rule that needs concrete values makes its structure fall back to per node, once.
+A rule that needs concrete values makes its structure fall back to per node, once. Tapes of
+more than :data:`MAX_NODES` nodes (an eagerly unrolled loop of thousands of steps) stay per node
+too: XLA would spend minutes compiling a sweep that runs a handful of times.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = ["STATS", "WARMUP", "sweep"]
 WARMUP = 2  # sweeps of one structure run per node before it is compiled
 _SEEN: collections.OrderedDict[Any, int] = collections.OrderedDict()  # structure -> sweeps
 _SEEN_MAX = 1024
+MAX_NODES = 1000  # larger tapes (long unrolled loops) stay per node: XLA compile time grows
 _FAILED: set[Any] = set()  # structures whose sweep cannot be traced (a rule needs values)
 STATS: collections.Counter[str] = collections.Counter()  # sweeps run "compiled" / "per_node"
 
@@ -66,7 +69,7 @@ _compiled = jax.jit(_sweep_filled, static_argnums=2)
 def _compile_key(tape: Tape) -> Any:
     """The tape's structure key if its sweep should run compiled now, else None."""
     if (not _jax.is_dispatching(_jax.get_current_trace()) or inlining_forced() or OVERRIDES
-            or not tape.nodes):
+            or not tape.nodes or len(tape.nodes) > MAX_NODES):
         return None
     key = tape.skeleton().key
     if key is None or key in _FAILED or _has_marker(tape):

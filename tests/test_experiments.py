@@ -200,11 +200,7 @@ ODE_QUICK = ["--steps", "3", "--t-end", "1.5", "--n-obs", "3", "--rtol", "1e-3",
              "--no-plot", "--quiet"]
 
 
-@pytest.mark.parametrize("mode", [
-    "--eager",
-    pytest.param("--jit", marks=pytest.mark.xfail(
-        raises=SystemExit, strict=True,
-        reason="jax.jit(jaxprop.grad) of a while loop needs issue 10's engine (branch h-while)"))])
+@pytest.mark.parametrize("mode", [pytest.param("--eager", marks=pytest.mark.slow), "--jit"])
 def test_ode_fit_quick(tmp_path, mode):
     """A few Adam steps on a short window: jaxprop's while-loop gradient equals jax.grad of the
     scan rewrite to rounding and central differences to 1e-6, the frozen-step replay reproduces
