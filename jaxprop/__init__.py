@@ -9,12 +9,13 @@ from jaxprop.hooks import (clip_gradient, clip_gradient_norm, feedback_alignment
                            gradient_reversal, hook, override, straight_through)
 from jaxprop.nan import NanReport, find_nan_origin
 from jaxprop.tags import grad_and_tags, tag, value_and_grad_and_tags
+from jaxprop.scopes import ScopeWarning, scoped
 from jaxprop.tracer import inlining
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MissingRuleError", "Node", "defvjp", "grad", "hessian", "jacrev", "noderule", "register",
+    "MissingRuleError", "Node", "ScopeWarning", "scoped", "defvjp", "grad", "hessian", "jacrev", "noderule", "register",
     "registered", "value_and_grad", "vjp",
     "Explanation", "NanReport", "clip_gradient", "clip_gradient_norm", "explain",
     "feedback_alignment", "feedback_rule", "find_nan_origin", "grad_and_tags",

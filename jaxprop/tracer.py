@@ -137,7 +137,7 @@ class JaxpropTrace(_jax.Trace):
         outs = outputs if primitive.multiple_results else (outputs,)
         if not any(is_differentiable(_jax.aval_of(o)) for o in outs):
             return outputs  # comparisons, argmax, iota …: nothing to differentiate
-        rule = lookup(primitive.name)
+        rule = lookup(primitive.name, self)
         if rule is None:
             raise missing_rule_error(primitive)
         if rule is zero_rule:
@@ -177,7 +177,7 @@ class LinearTrace(JaxpropTrace):
         special = HANDLERS.get(primitive.name)
         if special is not None:
             return special(self, primitive, tracers, params)
-        rule = lookup(primitive.name)
+        rule = lookup(primitive.name, self)
         if rule is None:
             raise missing_rule_error(primitive)
         out_avals = _jax.abstract_eval(primitive, [_jax.aval_of(v) for v in values], params)

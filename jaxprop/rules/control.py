@@ -33,7 +33,7 @@ from jax import lax
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from jaxprop import _jax
-from jaxprop.registry import Cotangent, Node, defvjp, noderule
+from jaxprop.registry import OVERRIDES, Cotangent, Node, defvjp, noderule
 from jaxprop.rules._util import convert_like
 from jaxprop.rules.custom import eval_on, inline_call, typed_outputs
 from jaxprop.sweep import backward
@@ -205,9 +205,9 @@ _FORWARDS: dict[Any, _CompiledForward | None] = {}
 def _compiled_forward(trace: JaxpropTrace, values: Sequence[Any], diff: tuple, params: dict
                       ) -> _CompiledForward | None:
     """The cached compiled forward for this scan when recording eagerly, else None."""
-    if (type(trace) is not JaxpropTrace or not _jax.is_eager(trace.parent)
+    if (type(trace) is not JaxpropTrace or not _jax.is_eager(trace.parent) or OVERRIDES
             or any(isinstance(v, _jax.Tracer) for v in values)):
-        return None
+        return None  # (the cached layout holds the rules: an override must not stick)
     body = _jax.jaxpr_key(params["jaxpr"])
     if body is None:
         return None
