@@ -7,6 +7,7 @@ from jaxprop.registry import vjp_rule
 from jaxprop.explain import Explanation, explain
 from jaxprop.hooks import (clip_gradient, clip_gradient_norm, feedback_alignment, feedback_rule,
                            gradient_reversal, hook, override, straight_through)
+from jaxprop.filtered import filter_grad, filter_value_and_grad, filter_vjp
 from jaxprop.nan import NanReport, find_nan_origin
 from jaxprop.tags import grad_and_tags, tag, value_and_grad_and_tags
 from jaxprop.scopes import ScopeWarning, scoped
@@ -18,7 +19,7 @@ __all__ = [
     "MissingRuleError", "Node", "ScopeWarning", "scoped", "defvjp", "grad", "hessian", "jacrev", "noderule", "register",
     "registered", "value_and_grad", "vjp",
     "Explanation", "NanReport", "clip_gradient", "clip_gradient_norm", "explain",
-    "feedback_alignment", "feedback_rule", "find_nan_origin", "grad_and_tags",
+    "feedback_alignment", "feedback_rule", "filter_grad", "filter_value_and_grad", "filter_vjp", "find_nan_origin", "grad_and_tags",
     "gradient_reversal", "hook", "inlining", "override", "straight_through", "tag",
     "value_and_grad_and_tags", "vjp_rule",
 ]
