@@ -1,6 +1,7 @@
 """jaxprop: reverse-mode autodiff for JAX with its own tracer, tape and reverse sweep."""
 
 from jaxprop import rules as _rules  # noqa: F401  (registers every VJP rule)
+from jaxprop.anomaly import NonFiniteGradientError, detect_anomaly
 from jaxprop.api import grad, hessian, jacrev, value_and_grad, vjp
 from jaxprop.registry import MissingRuleError, Node, defvjp, noderule, register, registered
 from jaxprop.registry import vjp_rule
@@ -16,7 +17,7 @@ from jaxprop.tracer import inlining
 __version__ = "0.1.0"
 
 __all__ = [
-    "MissingRuleError", "Node", "ScopeWarning", "scoped", "defvjp", "grad", "hessian", "jacrev", "noderule", "register",
+    "MissingRuleError", "Node", "NonFiniteGradientError", "detect_anomaly", "ScopeWarning", "scoped", "defvjp", "grad", "hessian", "jacrev", "noderule", "register",
     "registered", "value_and_grad", "vjp",
     "Explanation", "NanReport", "clip_gradient", "clip_gradient_norm", "explain",
     "feedback_alignment", "feedback_rule", "filter_grad", "filter_value_and_grad", "filter_vjp", "find_nan_origin", "grad_and_tags",

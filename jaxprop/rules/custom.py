@@ -27,7 +27,7 @@ from jax.extend.core import Literal, jaxprs_in_params
 
 from jaxprop import _jax
 from jaxprop.registry import OVERRIDES, Cotangent, Node
-from jaxprop.sweep import backward
+from jaxprop.sweep import SWEEP_CHECKS, backward
 from jaxprop.tracer import (JaxpropTrace, LinearTrace, Tape, handler, inlining_forced,
                             run_traced, zeros_like_value)
 
@@ -53,7 +53,7 @@ def _compile_as_one_node(trace: JaxpropTrace, closed: Any) -> bool:
 def _eager_fast_path(trace: JaxpropTrace) -> bool:
     """Recording eagerly, with nothing asking to see every primitive."""
     return (type(trace) is JaxpropTrace and _jax.is_dispatching(trace.parent)
-            and not inlining_forced() and not OVERRIDES)
+            and not inlining_forced() and not OVERRIDES and not SWEEP_CHECKS)
 
 
 @functools.lru_cache(maxsize=4096)
