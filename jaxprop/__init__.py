@@ -7,10 +7,11 @@ from jaxprop.registry import MissingRuleError, Node, defvjp, noderule, register,
 from jaxprop.registry import vjp_rule
 from jaxprop.explain import Explanation, explain
 from jaxprop.hooks import (clip_gradient, clip_gradient_norm, feedback_alignment, feedback_rule,
-                           gradient_reversal, hook, override, straight_through)
+                           gradient_reversal, hook, override, scope_hook,
+                           straight_through)
 from jaxprop.filtered import filter_grad, filter_value_and_grad, filter_vjp
 from jaxprop.nan import NanReport, find_nan_origin
-from jaxprop.tags import grad_and_tags, tag, value_and_grad_and_tags
+from jaxprop.tags import grad_and_tags, scope_tag, tag, value_and_grad_and_tags
 from jaxprop.scopes import ScopeWarning, scoped
 from jaxprop.tracer import inlining
 
@@ -21,6 +22,6 @@ __all__ = [
     "registered", "value_and_grad", "vjp",
     "Explanation", "NanReport", "clip_gradient", "clip_gradient_norm", "explain",
     "feedback_alignment", "feedback_rule", "filter_grad", "filter_value_and_grad", "filter_vjp", "find_nan_origin", "grad_and_tags",
-    "gradient_reversal", "hook", "inlining", "override", "straight_through", "tag",
+    "gradient_reversal", "hook", "scope_hook", "scope_tag", "inlining", "override", "straight_through", "tag",
     "value_and_grad_and_tags", "vjp_rule",
 ]

@@ -26,10 +26,10 @@ from jaxprop import _jax
 from jaxprop.registry import OVERRIDES, Node, NodeRule, lookup, register, registered
 from jaxprop.rules._util import convert_like, unbroadcast
 from jaxprop.scopes import ScopedContext
-from jaxprop.tracer import HANDLERS, is_differentiable
+from jaxprop.tracer import HANDLERS, WATCHES, is_differentiable
 
 __all__ = ["clip_gradient", "clip_gradient_norm", "feedback_alignment", "feedback_rule",
-           "gradient_reversal", "hook", "override", "straight_through"]
+           "gradient_reversal", "hook", "override", "scope_hook", "straight_through"]
 
 
 def _apply(ct: Any, fn: Callable[[Any], Any]) -> Any:
@@ -61,6 +61,43 @@ def hook(x: Any, fn: Callable[[Any], Any]) -> Any:
     """
     return tree_map(lambda v: hook_p.bind(v, fn=fn)
                     if is_differentiable(_jax.aval_of(v)) else v, x)
+
+
+class scope_hook(ScopedContext):
+    """Hook the values a named scope sends out: PyTorch's module backward hooks, by name.
+
+    Inside the block (or decorated function), every value computed under a ``jax.named_scope``
+    / Flax module path matching ``scope`` (a pattern, see :mod:`jaxprop.scopes`) and then
+    used by code *outside* that scope — a module's outputs — gets :func:`hook`'s treatment:
+    in the backward pass its cotangent ``ct`` (the sum over its outside uses) is replaced by
+    ``fn(ct)`` before flowing into the scope (``fn`` returning None only observes). The model
+    is not edited::
+
+        with jaxprop.scope_hook("MLP/block1", lambda ct: 2 * ct):
+            grads = jaxprop.grad(loss)(params, batch)    # block1's gradients doubled
+
+    Flax linen modules have scopes; Flax nnx and Equinox modules get one with
+    :func:`jaxprop.scoped`. Like :class:`override`, it acts on what jaxprop *records* in
+    the block: under plain ``jax.grad`` it does nothing, and under ``jax.jit`` it must be
+    entered inside the jitted function (a block that hooked nothing warns on exit, one
+    entered outside a jit being traced warns once; ``matched`` counts the values hooked).
+    ``fn`` is traced with the function under ``jax.jit``: a closure whose values change
+    later is not seen by the compiled program — pass them as arguments instead.
+    """
+
+    active = WATCHES
+    kind = "scope_hook"
+
+    def __init__(self, scope: str, fn: Callable[[Any], Any], *, warn: bool = True) -> None:
+        super().__init__(scope, warn)
+        self.fn = fn
+
+    def apply(self, value: Any, index: int) -> Any:
+        """The hooked value (binds the marker on the recording trace)."""
+        return hook_p.bind(value, fn=self.fn)
+
+    def describe(self) -> str:
+        return f"jaxprop.scope_hook({self.scope!r})"
 
 
 def gradient_reversal(x: Any, scale: float = 1.0) -> Any:
