@@ -56,6 +56,14 @@ def hook(x: Any, fn: Callable[[Any], Any]) -> Any:
     print or record it, e.g. with ``jax.debug.print``). ``x`` may be a pytree: ``fn`` is
     applied to each floating leaf. A value that receives no cotangent never calls ``fn``.
 
+    Where it acts: in jaxprop's sweep (eagerly, under ``jax.jit`` and ``jax.vmap``) and also
+    under plain ``jax.grad`` (JAX transposes the hook with ``fn``). Under ``jax.jit`` ``fn`` is
+    traced once, with the function: it receives tracers, so Python side effects in it
+    (``print``, appending to a list) run at trace time only — use ``jax.debug.print`` /
+    ``jax.debug.callback`` — and a value it closes over that changes later is not seen by
+    the compiled program (pass such values as arguments of the jitted function). To hook a
+    model you did not write, see :class:`scope_hook`.
+
     >>> f = lambda x: jnp.sin(jaxprop.hook(x, lambda ct: 2 * ct))
     >>> jaxprop.grad(f)(0.0)   # 2 * cos(0) = 2.0
     """

@@ -46,6 +46,10 @@ def tag(x: Any, name: str) -> Any:
     can be tagged too: its gradient is still returned (saliency maps) — except inside a
     function you wrapped in ``jax.jit``, where such a tag is traced before jaxprop sees it.
 
+    Only :func:`grad_and_tags` / :func:`value_and_grad_and_tags` return tags; under
+    ``jaxprop.grad``, ``jax.grad``, ``jax.jit`` and ``jax.vmap`` a tag is the identity. Inside
+    a ``lax.scan`` body ``tags[name]`` is stacked per step; see the module docstring.
+
     >>> f = lambda w, x: jnp.sum(jaxprop.tag(x * w, "h") ** 2)
     >>> jaxprop.grad_and_tags(f)(2.0, 3.0)   # (36.0, {'h': 12.0})
     """
