@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from jaxprop import _jax
-from jaxprop.nan import _nonfinite, _pack, _show
+from jaxprop.nan import _nonfinite, node_lines, pack_node
 from jaxprop.registry import Node
 from jaxprop.scopes import ScopedContext
 from jaxprop.sweep import SWEEP_CHECKS
@@ -93,14 +93,10 @@ class _SweepCheck:
         self.payload: list[Any] = []
 
     def observe(self, node: Node, cts_out: Sequence[Any], cts_in: Sequence[Any]) -> None:
-        wanted = [ct if s is not None else None for ct, s in zip(cts_in, node.in_slots)]
+        wanted, descs, arrays = pack_node(node, cts_out, cts_in)
         born = _nonfinite(wanted) & ~_nonfinite(cts_out)
-        packed = [[_pack(v) for v in group]
-                  for group in (node.inputs, node.outputs, cts_out, wanted)]
-        descs = tuple(tuple(d for d, _ in group) for group in packed)
-        arrays = tuple(tuple(a for _, a in group) for group in packed)
         info = (node.name, _jax.source_summary(node.source), descs,
-                tuple(f"v{s}" if s is not None else "const" for s in node.in_slots),
+                tuple(f"v{s}" if s is not None else None for s in node.in_slots),
                 tuple(f"v{s}" if s is not None else "_" for s in node.out_slots))
         if _jax.to_concrete_value(born) is not None:
             if bool(born):
@@ -123,14 +119,10 @@ class _SweepCheck:
                 self.raise_at(info, arrays)
 
     def raise_at(self, info: tuple, arrays: tuple) -> None:
-        name, source, (d_ins, d_outs, d_up, d_down), in_names, out_names = info
-        ins, outs, up, down = arrays
+        name, source, descs, in_names, out_names = info
         lines = [f"jaxprop.detect_anomaly: the gradient becomes NaN/inf at {name}, "
                  f"{source or 'source unknown'} — its upstream cotangent is finite, the "
                  "cotangent it sends to its inputs is not."]
-        lines += [f"  input  {n} = {_show(d, v)}" for n, d, v in zip(in_names, d_ins, ins)]
-        lines += [f"  output {n} = {_show(d, v)}" for n, d, v in zip(out_names, d_outs, outs)]
-        lines.append(f"  upstream ∂L/∂out = {', '.join(map(_show, d_up, up))}")
-        lines.append(f"  downstream ∂L/∂in = {', '.join(map(_show, d_down, down))}")
+        lines += node_lines(in_names, out_names, descs, arrays)
         self.mode.error = NonFiniteGradientError("\n".join(lines), name, source)
         raise self.mode.error
