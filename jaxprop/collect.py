@@ -5,7 +5,8 @@ pytree structure and types, so an unused tag gets zeros) and, while the tape is 
 receives each tag's cotangent. Loop and branch rules (``jaxprop/rules/control.py``) open a
 :func:`sub_collector` around one step's forward or backward: the tags of a ``scan`` body
 come out as per-step stacks (leading axis = the scan's length), a traced ``cond``'s as the
-taken branch's cotangent (zeros if another branch ran).
+taken branch's cotangent (zeros if another branch ran). A ``while_loop`` run eagerly is
+unrolled on the tape; :func:`loop_step` numbers its iterations, so its tags are stacked too.
 """
 
 from __future__ import annotations
@@ -17,9 +18,23 @@ from typing import Any
 import jax.numpy as jnp
 from jax.tree_util import tree_unflatten
 
-__all__ = ["COLLECTORS", "TagCollector", "sub_collector"]
+__all__ = ["COLLECTORS", "STEPS", "TagCollector", "loop_step", "sub_collector"]
 
 Key = tuple[str, int]  # (tag name, leaf index)
+
+# The iteration numbers of the eagerly unrolled while loops being recorded (innermost last):
+# a tag recorded in one of them gets one cotangent per iteration, stacked.
+STEPS: list[int] = []
+
+
+@contextlib.contextmanager
+def loop_step(k: int) -> Iterator[None]:
+    """Tags recorded inside the block belong to iteration ``k`` of an unrolled loop."""
+    STEPS.append(k)
+    try:
+        yield
+    finally:
+        STEPS.pop()
 
 
 class TagCollector:
@@ -30,12 +45,18 @@ class TagCollector:
         self.root = root or self
         self.notes: dict[Key, tuple[Any, Any, Any]] = {}
         self.cts: dict[Key, Any] = {}
+        self.steps: dict[Key, set[tuple]] = {}  # tags in unrolled loops: their iterations
         self.inner: set[str] = set()  # tags on tapes grad_and_tags cannot reach (nested grads)
 
-    def note(self, key: Key, treedef: Any, count: int | None, aval: Any) -> None:
+    def note(self, key: Key, treedef: Any, count: int | None, aval: Any,
+             step: tuple = ()) -> None:
         self.notes[key] = (treedef, count, aval)
+        if step:
+            self.steps.setdefault(key, set()).add(step)
 
-    def add(self, key: Key, ct: Any) -> None:
+    def add(self, key: Key, ct: Any, step: tuple = ()) -> None:
+        if step:
+            key = (*key, step)  # type: ignore[assignment]
         if key in self.cts:
             raise ValueError(f"jaxprop.tag name '{key[0]}' was given to more than one value; "
                              "use a distinct name for each tagged value.")
@@ -60,6 +81,9 @@ class TagCollector:
         return out
 
     def _ct(self, key: Key, note: tuple | None) -> Any:
+        if key in self.steps:  # one per iteration of an unrolled loop, stacked
+            return jnp.stack([self._ct((*key, s), note)  # type: ignore[arg-type]
+                              for s in sorted(self.steps[key])])
         ct = self.cts.get(key)
         if ct is not None or note is None:
             return ct

@@ -13,8 +13,8 @@ cotangent — the total gradient of the tagged value — to the caller::
 Outside :func:`grad_and_tags` a tag does nothing (under ``jax.grad``, ``jax.jit`` and
 ``jax.vmap`` too), so tags can stay in a model. A tag inside a ``lax.scan`` body gives a
 per-step stack (leading axis: the steps), inside a traced ``cond`` the taken branch's
-cotangent (zeros when another branch ran); ``while_loop`` bodies run unrolled (eagerly),
-so their tag is one value per name — name them per step if needed. :class:`scope_tag` tags
+cotangent (zeros when another branch ran), inside a ``while_loop`` body (differentiable
+eagerly, where it runs unrolled) a stack with one gradient per iteration. :class:`scope_tag` tags
 what a named scope (a Flax module) sends out, without editing the model.
 """
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from jaxprop import _jax, api
-from jaxprop.collect import COLLECTORS, TagCollector
+from jaxprop.collect import COLLECTORS, STEPS, TagCollector
 from jaxprop.registry import Node
 from jaxprop.scopes import ScopedContext
 from jaxprop.tracer import WATCHES, JaxpropTrace, handler, is_differentiable, outermost
@@ -70,7 +70,8 @@ def tag(x: Any, name: str) -> Any:
 def _tag_rule(node: Node, cts: Sequence[Any]) -> list[Any]:
     """tag: identity (ct passes through); the cotangent is also handed to the collector."""
     if COLLECTORS:
-        COLLECTORS[-1].add((node.params["name"], node.params["index"]), cts[0])
+        COLLECTORS[-1].add((node.params["name"], node.params["index"]), cts[0],
+                           node.params.get("step", ()))
     return [cts[0]]
 
 
@@ -86,9 +87,11 @@ def _record_tag(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any],
     if outermost(trace).parent is not collector.root.parent:  # a gradient inside the loss
         collector.root.inner.add(params["name"])
         return trace.record(primitive, params, values, slots, out, _pass_rule)
+    step = tuple(STEPS)
     collector.note((params["name"], params["index"]), params["treedef"], params["count"],
-                   _jax.aval_of(values[0]))
-    return trace.record(primitive, params, values, slots, out, _tag_rule)
+                   _jax.aval_of(values[0]), step)
+    return trace.record(primitive, dict(params, step=step) if step else params, values, slots,
+                        out, _tag_rule)
 
 
 def _pass_rule(node: Node, cts: Sequence[Any]) -> list[Any]:

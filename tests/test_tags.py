@@ -160,3 +160,25 @@ def test_scope_tag_gives_the_gradients_of_what_a_scope_sends_out():
         want = jax.grad(model, argnums=2)(PARAMS, X, jnp.zeros((4, 5)))
         assert len(tags["block1"]) == 1
         np.testing.assert_allclose(tags["block1"][0], want, rtol=1e-5, atol=1e-7)
+
+
+def test_tags_inside_an_eager_while_loop_give_one_gradient_per_iteration():
+    def f(w, eps=None):
+        eps = jnp.zeros(3) if eps is None else eps
+
+        def body(c):
+            i, h = c
+            return i + 1, jaxprop.tag(jnp.tanh(h * w), "h") + eps[i]
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, 0.5))[1] ** 2
+
+    def unrolled(w, eps):                 # JAX has no reverse mode for while_loop
+        h = 0.5
+        for i in range(3):
+            h = jnp.tanh(h * w) + eps[i]
+        return h ** 2
+
+    g, tags = jaxprop.grad_and_tags(f)(0.8)
+    np.testing.assert_allclose(f(0.8), unrolled(0.8, jnp.zeros(3)), rtol=1e-6)
+    want_g, want_h = jax.grad(unrolled, argnums=(0, 1))(0.8, jnp.zeros(3))
+    np.testing.assert_allclose(tags["h"], want_h, rtol=1e-5)
+    np.testing.assert_allclose(g, want_g, rtol=1e-5)

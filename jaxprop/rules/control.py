@@ -35,7 +35,7 @@ from jax.tree_util import tree_flatten, tree_unflatten
 from jaxprop import _jax
 from jaxprop.registry import OVERRIDES, Cotangent, Node, defvjp, noderule
 from jaxprop.rules._util import convert_like
-from jaxprop.collect import COLLECTORS, TagCollector, sub_collector
+from jaxprop.collect import COLLECTORS, TagCollector, loop_step, sub_collector
 from jaxprop.rules.custom import eval_on, has_marker, inline_call, typed_outputs
 from jaxprop.sweep import backward
 from jaxprop.tracer import (HANDLERS, JaxpropTrace, LinearTrace, Tape, handler,
@@ -471,7 +471,8 @@ def while_loop(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], para
                                  params, n_cc, steps)
         if not pred:
             return carry
-        carry = eval_on(trace, bj, [*body_consts, *carry])
+        with loop_step(steps):  # tags in the body: one per iteration
+            carry = eval_on(trace, bj, [*body_consts, *carry])
         steps += 1
 
 
