@@ -75,6 +75,10 @@ class detect_anomaly(ScopedContext):
     def unused_reasons(self) -> list[str]:
         return super().unused_reasons()[:2]
 
+    def __enter__(self) -> detect_anomaly:
+        self.error = None
+        return super().__enter__()
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         error = self.error
         super().__exit__(exc_type, exc, tb)

@@ -37,7 +37,7 @@ from jaxprop.registry import OVERRIDES, Cotangent, Node, defvjp, noderule
 from jaxprop.rules._util import convert_like
 from jaxprop.collect import COLLECTORS, TagCollector, loop_step, sub_collector
 from jaxprop.rules.custom import eval_on, has_marker, inline_call, typed_outputs
-from jaxprop.sweep import backward
+from jaxprop.sweep import SWEEP_CHECKS, backward
 from jaxprop.tracer import (HANDLERS, JaxpropTrace, LinearTrace, Tape, handler,
                             is_differentiable, recording_body_of, run_traced)
 
@@ -216,7 +216,7 @@ def _compiled_forward(trace: JaxpropTrace, values: Sequence[Any], diff: tuple, p
                       ) -> _CompiledForward | None:
     """The cached compiled forward for this scan when recording eagerly, else None."""
     if (type(trace) is not JaxpropTrace or not _jax.is_eager(trace.parent) or OVERRIDES
-            or has_marker(params["jaxpr"].jaxpr)
+            or SWEEP_CHECKS or has_marker(params["jaxpr"].jaxpr)
             or any(isinstance(v, _jax.Tracer) for v in values)):
         return None  # (the cached layout holds the rules: an override, a tag must not stick)
     body = _jax.jaxpr_key(params["jaxpr"])
