@@ -4,7 +4,11 @@
   replaced by ``fn(ct)`` before it flows on into ``x`` (``fn`` returning None only observes).
   Built on it: :func:`gradient_reversal`, :func:`clip_gradient`, :func:`clip_gradient_norm`.
 - :func:`override`: replace a primitive's rule for the code that runs inside a ``with`` block
-  (or a decorated function) — the primitives *recorded* there use the new rule.
+  (or a decorated function) — the primitives *recorded* there use the new rule; ``scope=``
+  narrows it to a ``jax.named_scope`` / Flax module path. Names are checked, and a block
+  that changed nothing, or that a jit traced from outside, warns (:class:`ScopeWarning`).
+- :class:`scope_hook`: :func:`hook` applied to every value a named scope (a module) sends
+  out, without editing the model — PyTorch's module backward hooks.
 - :func:`straight_through` and :func:`feedback_alignment`: forward one function, backward
   another (``jax.custom_vjp``, which jaxprop honours, so they work under ``jax.grad`` too).
 
