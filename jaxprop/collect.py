@@ -18,6 +18,8 @@ from typing import Any
 import jax.numpy as jnp
 from jax.tree_util import tree_unflatten
 
+from jaxprop.tracer import pushed
+
 __all__ = ["COLLECTORS", "STEPS", "TagCollector", "loop_step", "sub_collector"]
 
 Key = tuple[str, int]  # (tag name, leaf index)
@@ -27,14 +29,9 @@ Key = tuple[str, int]  # (tag name, leaf index)
 STEPS: list[int] = []
 
 
-@contextlib.contextmanager
-def loop_step(k: int) -> Iterator[None]:
+def loop_step(k: int) -> Any:
     """Tags recorded inside the block belong to iteration ``k`` of an unrolled loop."""
-    STEPS.append(k)
-    try:
-        yield
-    finally:
-        STEPS.pop()
+    return pushed(STEPS, k)
 
 
 class TagCollector:
@@ -101,9 +98,5 @@ def sub_collector() -> Iterator[TagCollector | None]:
     if not COLLECTORS:
         yield None
         return
-    sub = TagCollector(None, root=COLLECTORS[-1].root)
-    COLLECTORS.append(sub)
-    try:
+    with pushed(COLLECTORS, TagCollector(None, root=COLLECTORS[-1].root)) as sub:
         yield sub
-    finally:
-        COLLECTORS.remove(sub)

@@ -80,13 +80,18 @@ _BODY_OF: list[Any] = []
 
 
 @contextlib.contextmanager
-def recording_body_of(trace: Any) -> Iterator[None]:
-    """Traces made inside the block record a sub-program (loop body, branch) of ``trace``."""
-    _BODY_OF.append(trace)
+def pushed(stack: list[Any], item: Any) -> Iterator[Any]:
+    """``item`` on top of ``stack`` for the block (removed after it, even on error)."""
+    stack.append(item)
     try:
-        yield
+        yield item
     finally:
-        _BODY_OF.pop()
+        del stack[max(i for i, x in enumerate(stack) if x is item)]  # its innermost entry
+
+
+def recording_body_of(trace: Any) -> Any:
+    """Traces made inside the block record a sub-program (loop body, branch) of ``trace``."""
+    return pushed(_BODY_OF, trace)
 
 
 def outermost(trace: Any) -> Any:
