@@ -73,7 +73,7 @@ class detect_anomaly(ScopedContext):
         return "jaxprop.detect_anomaly()"
 
     def unused_reasons(self) -> list[str]:
-        return super().unused_reasons()[:2]
+        return super().unused_reasons()[:2]  # (a jitted block's sweeps are still checked)
 
     def __enter__(self) -> detect_anomaly:
         self.error = None

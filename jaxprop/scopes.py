@@ -109,7 +109,10 @@ class ScopedContext(contextlib.ContextDecorator):
             "the code in the block is not differentiated by jaxprop: jax.grad, jax.vjp and "
             "optax's helpers never call jaxprop's tracer (use jaxprop.grad / value_and_grad)",
             "it only calls a jax.jit function compiled before the block: the cached program "
-            "does not see it (enter it inside the jitted function, or jax.clear_caches())"]
+            "does not see it (enter it inside the jitted function, or jax.clear_caches())",
+            "the block is inside a function that jax.jit turns into a program before jaxprop "
+            "records it (jaxprop.grad(jax.jit(f))): enter it around the jitted call instead, "
+            "or jit the gradient (jax.jit(jaxprop.grad(f)))"]
         if self.scope is not None:
             reasons.append(f"no recorded primitive ran under a name scope matching "
                            f"{self.scope!r} (jaxprop.explain(...).table(collapse='scope') "

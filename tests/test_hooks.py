@@ -163,6 +163,13 @@ def test_override_and_an_already_compiled_jit():
     with pytest.warns(jaxprop.ScopeWarning, match="entered outside the jax.jit"):
         with jaxprop.override("sin", five):
             assert float(fresh(0.3)) == 5.0            # traced in the block: baked in
+    def jitted_first(x):                               # traced by jit before jaxprop
+        with jaxprop.override("sin", five):
+            return jnp.sin(x)
+
+    with pytest.warns(jaxprop.ScopeWarning, match="jaxprop.grad\\(jax.jit\\(f\\)\\)"):
+        np.testing.assert_allclose(jaxprop.grad(jax.jit(jitted_first))(0.3), jnp.cos(0.3),
+                                   rtol=1e-6)
     inside = jax.jit(jaxprop.grad(jaxprop.override("sin", five)(jnp.sin)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")                 # entered inside the jit: no warning
