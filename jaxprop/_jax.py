@@ -376,3 +376,35 @@ def ct_spec(spec: Any) -> Any:
     """The PartitionSpec of a cotangent of a value with PartitionSpec ``spec``."""
     return spec.to_ct_spec()
 
+# -- where code runs: trace nesting, jit boundaries, known primitives -------------------------
+def jit_between(inner: Any, outer: Any) -> str | None:
+    """The function name of a ``jax.jit`` being traced between ``inner`` (the current trace)
+    and ``outer`` (a trace current earlier), or None if ``outer`` is reached first (or neither
+    is found). A context entered at ``outer`` is then outside that jit's cached program."""
+    trace, seen = inner, 0
+    while trace is not None and seen < 256:
+        if trace is outer:
+            return None
+        info = getattr(getattr(trace, "frame", None), "debug_info", None)
+        if getattr(info, "traced_for", None) == "jit":
+            return str(getattr(info, "func_src_info", "") or "a jitted function").split(" ")[0]
+        trace = getattr(trace, "parent_trace", None) or getattr(trace, "parent", None)
+        seen += 1
+    return None
+
+
+def primitive_names(everywhere: bool = False) -> frozenset[str]:
+    """Names of the primitives defined in JAX's modules (``everywhere``: in every loaded
+    module, so users' own primitives count too)."""
+    import sys
+
+    names = set()
+    for name, module in list(sys.modules.items()):
+        if module is None or not (everywhere or name.startswith("jax")):
+            continue
+        try:
+            values = list(vars(module).values())
+        except TypeError:  # pragma: no cover - a module without __dict__
+            continue
+        names.update(v.name for v in values if isinstance(v, _core.Primitive))
+    return frozenset(names)

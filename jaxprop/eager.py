@@ -27,7 +27,7 @@ import jax
 
 from jaxprop import _jax
 from jaxprop.registry import OVERRIDES, Cotangent
-from jaxprop.sweep import backward
+from jaxprop.sweep import SWEEP_CHECKS, backward
 from jaxprop.tracer import Tape, inlining_forced, zeros_of
 
 __all__ = ["STATS", "WARMUP", "sweep"]
@@ -69,7 +69,7 @@ _compiled = jax.jit(_sweep_filled, static_argnums=2)
 def _compile_key(tape: Tape) -> Any:
     """The tape's structure key if its sweep should run compiled now, else None."""
     if (not _jax.is_dispatching(_jax.get_current_trace()) or inlining_forced() or OVERRIDES
-            or not tape.nodes or len(tape.nodes) > MAX_NODES):
+            or SWEEP_CHECKS or not tape.nodes or len(tape.nodes) > MAX_NODES):
         return None
     key = tape.skeleton().key
     if key is None or key in _FAILED or _has_marker(tape):

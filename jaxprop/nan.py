@@ -123,19 +123,13 @@ class NanReport:
         if i is None:
             lines.append(f"No NaN/inf in the gradient ({len(self.static)} nodes checked).")
         else:
-            s, (ins, outs, up, down) = self.static[i], self.payload[i]
-            d_ins, d_outs, d_up, d_down = s["descs"]
+            s = self.static[i]
             lines.append(f"The gradient first becomes NaN/inf at {s['primitive']} "
                          f"(node {s['index']}), {s['source'] or 'source unknown'}")
             if np.asarray(self.bad_out)[i]:
                 lines.append("  (its upstream gradient was already non-finite: the output "
                              "cotangent you passed in is)")
-            for n, d, v in zip(s["in_names"], d_ins, ins):
-                lines.append(f"  input  {n or 'const'} = {_show(d, v)}")
-            for n, d, v in zip(s["out_names"], d_outs, outs):
-                lines.append(f"  output {n} = {_show(d, v)}")
-            lines.append(f"  upstream ∂L/∂out = {', '.join(map(_show, d_up, up))}")
-            lines.append(f"  downstream ∂L/∂in = {', '.join(map(_show, d_down, down))}")
+            lines += node_lines(s["in_names"], s["out_names"], s["descs"], self.payload[i])
             lines.append(f"  {int(np.sum(np.asarray(self.bad_in)))} of {len(self.static)} "
                          "nodes send non-finite gradients below.")
         if fwd is not None:
@@ -151,6 +145,27 @@ class _Static:
 
     def __init__(self, value: Any) -> None:
         self.value = value
+
+
+def pack_node(node: Node, cts_out: Sequence[Any], cts_in: Sequence[Any]
+              ) -> tuple[list[Any], tuple, tuple]:
+    """(the cotangents of the inputs that want one, static descriptions, arrays) of a swept
+    node's inputs, outputs, upstream and downstream cotangents, as :func:`_pack` keeps them."""
+    wanted = [ct if s is not None else None for ct, s in zip(cts_in, node.in_slots)]
+    packed = [[_pack(v) for v in group] for group in (node.inputs, node.outputs, cts_out, wanted)]
+    return (wanted, tuple(tuple(d for d, _ in group) for group in packed),
+            tuple(tuple(a for _, a in group) for group in packed))
+
+
+def node_lines(in_names: Sequence[Any], out_names: Sequence[Any], descs: tuple,
+               payload: tuple) -> list[str]:
+    """A node's forward inputs and outputs and its cotangents, one line each (packed by
+    :func:`_pack`: ``descs`` and ``payload`` hold inputs, outputs, upstream, downstream)."""
+    (d_ins, d_outs, d_up, d_down), (ins, outs, up, down) = descs, payload
+    return ([f"  input  {n or 'const'} = {_show(d, v)}" for n, d, v in zip(in_names, d_ins, ins)]
+            + [f"  output {n} = {_show(d, v)}" for n, d, v in zip(out_names, d_outs, outs)]
+            + [f"  upstream ∂L/∂out = {', '.join(map(_show, d_up, up))}",
+               f"  downstream ∂L/∂in = {', '.join(map(_show, d_down, down))}"])
 
 
 def _show(desc: Any, v: Any) -> str:
@@ -187,11 +202,7 @@ def find_nan_origin(f: Callable, *args: Any, argnums: int | Sequence[int] | None
     seen: list[tuple[Node, Any, Any, tuple]] = []
 
     def observe(node: Node, cts_out: Sequence, cts_in: Sequence) -> None:
-        wanted = [ct if s is not None else None for ct, s in zip(cts_in, node.in_slots)]
-        packed = [[_pack(v) for v in group]
-                  for group in (node.inputs, node.outputs, cts_out, wanted)]
-        descs = tuple(tuple(d for d, _ in group) for group in packed)
-        payload = tuple(tuple(a for _, a in group) for group in packed)
+        wanted, descs, payload = pack_node(node, cts_out, cts_in)
         seen.append((node, _nonfinite(wanted), _nonfinite(cts_out), (descs, payload)))
 
     rec = record_and_sweep(f, args, argnums, cotangent, observe)

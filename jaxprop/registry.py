@@ -130,15 +130,18 @@ def zero_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     return [None] * len(node.inputs)
 
 
-# Scoped replacements (``jaxprop.override``), innermost last; consulted before ``_RULES``.
-OVERRIDES: list[dict[str, NodeRule]] = []
+# Scoped replacements (``jaxprop.override`` objects), innermost last; each has
+# ``rule_for(name, trace) -> NodeRule | None`` and is consulted before ``_RULES``.
+OVERRIDES: list[Any] = []
 
 
-def lookup(name: str) -> NodeRule | None:
-    """The rule for ``name``: an active override if any, else the registered one (or None)."""
-    for rules in reversed(OVERRIDES):
-        if name in rules:
-            return rules[name]
+def lookup(name: str, trace: Any = None) -> NodeRule | None:
+    """The rule for ``name``: an active override's if one applies here, else the registered
+    one (or None). ``trace``: the trace recording the node (overrides check jit boundaries)."""
+    for entry in reversed(OVERRIDES):
+        rule = entry.rule_for(name, trace)
+        if rule is not None:
+            return rule
     return _RULES.get(name)
 
 

@@ -23,6 +23,10 @@ from jaxprop.registry import Cotangent, Node
 # Hooks that observe each node's cotangents during a sweep (explain / NaN search use them).
 SweepObserver = Any
 
+# Active sweep checks (``jaxprop.detect_anomaly``), innermost last. Each has ``start()``,
+# giving an object with ``observe(node, cts_out, cts_in)`` and ``finish()``.
+SWEEP_CHECKS: list[Any] = []
+
 
 def add_cotangents(a: Cotangent, b: Cotangent) -> Cotangent:
     """The copy gate: cotangents of one value from several uses add up (None is zero)."""
@@ -40,6 +44,12 @@ def backward(nodes: Sequence[Node], out_slots: Sequence[int | None],
 
     ``observer(node, cts_out, cts_in)``, if given, is called after each rule runs.
     """
+    if observer is None and SWEEP_CHECKS:
+        check = SWEEP_CHECKS[-1].start()
+        try:
+            return backward(nodes, out_slots, out_cts, in_slots, check.observe)
+        finally:
+            check.finish()
     cts: dict[int, Cotangent] = {}
     for slot, ct in zip(out_slots, out_cts):
         if slot is not None and ct is not None:

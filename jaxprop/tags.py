@@ -11,8 +11,11 @@ cotangent — the total gradient of the tagged value — to the caller::
     grads, tags = jaxprop.grad_and_tags(loss)(params, x)   # tags["h1"] = ∂L/∂h1
 
 Outside :func:`grad_and_tags` a tag does nothing (under ``jax.grad``, ``jax.jit`` and
-``jax.vmap`` too), so tags can stay in a model. Tags inside ``scan``/``cond``/``while``
-bodies are not collected (tag the loop's outputs instead).
+``jax.vmap`` too), so tags can stay in a model. A tag inside a ``lax.scan`` body gives a
+per-step stack (leading axis: the steps), inside a traced ``cond`` the taken branch's
+cotangent (zeros when another branch ran), inside a ``while_loop`` body (differentiable
+eagerly, where it runs unrolled) a stack with one gradient per iteration. :class:`scope_tag` tags
+what a named scope (a Flax module) sends out, without editing the model.
 """
 
 from __future__ import annotations
@@ -25,53 +28,14 @@ import jax.numpy as jnp
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from jaxprop import _jax, api
+from jaxprop.collect import COLLECTORS, STEPS, TagCollector
 from jaxprop.registry import Node
-from jaxprop.tracer import JaxpropTrace, handler, is_differentiable
+from jaxprop.scopes import ScopedContext
+from jaxprop.tracer import WATCHES, JaxpropTrace, handler, is_differentiable, outermost
 
-__all__ = ["grad_and_tags", "tag", "value_and_grad_and_tags"]
+__all__ = ["grad_and_tags", "scope_tag", "tag", "value_and_grad_and_tags"]
 
 tag_p = _jax.identity_primitive("tag", lambda ct, **params: ct)
-
-
-class _Collector:
-    """Tags seen while recording (name -> structure and avals) and cotangents swept."""
-
-    def __init__(self, parent: Any) -> None:
-        self.parent = parent  # the trace grad_and_tags was called on: its tape's parent
-        self.seen: dict[str, tuple[Any, list[Any]]] = {}
-        self.cts: dict[tuple[str, int], Any] = {}
-        self.inner: set[str] = set()  # tags recorded on inner tapes (loop bodies): unsupported
-
-    def note(self, params: dict, aval: Any) -> None:
-        name, index = params["name"], params["index"]
-        treedef, avals = self.seen.setdefault(name, (params["treedef"], [None] * params["count"]))
-        avals[index] = aval
-
-    def add(self, params: dict, ct: Any) -> None:
-        key = (params["name"], params["index"])
-        if key in self.cts:
-            raise ValueError(f"jaxprop.tag name '{key[0]}' was given to more than one value; "
-                             "use a distinct name for each tagged value.")
-        self.cts[key] = ct
-
-    def result(self) -> dict[str, Any]:
-        for name in sorted(self.inner - set(self.seen)):
-            raise ValueError(
-                f"jaxprop.tag '{name}' is inside a scan/cond/while body (or another inner "
-                "tape), whose gradients grad_and_tags cannot return; tag a value outside the "
-                "loop instead, e.g. the stacked outputs of the scan.")
-        out = {}
-        for name, (treedef, avals) in self.seen.items():
-            leaves = []
-            for i, aval in enumerate(avals):
-                ct = self.cts.get((name, i))
-                leaves.append(ct if ct is not None else
-                              jnp.zeros(aval.shape, aval.dtype) if aval is not None else None)
-            out[name] = tree_unflatten(treedef, leaves)
-        return out
-
-
-_COLLECTORS: list[_Collector] = []
 
 
 def tag(x: Any, name: str) -> Any:
@@ -81,6 +45,10 @@ def tag(x: Any, name: str) -> Any:
     A value that does not depend on the differentiated inputs (an input batch, a constant)
     can be tagged too: its gradient is still returned (saliency maps) — except inside a
     function you wrapped in ``jax.jit``, where such a tag is traced before jaxprop sees it.
+
+    Only :func:`grad_and_tags` / :func:`value_and_grad_and_tags` return tags; under
+    ``jaxprop.grad``, ``jax.grad``, ``jax.jit`` and ``jax.vmap`` a tag is the identity. Inside
+    a ``lax.scan`` body ``tags[name]`` is stacked per step; see the module docstring.
 
     >>> f = lambda w, x: jnp.sum(jaxprop.tag(x * w, "h") ** 2)
     >>> jaxprop.grad_and_tags(f)(2.0, 3.0)   # (36.0, {'h': 12.0})
@@ -101,8 +69,9 @@ def tag(x: Any, name: str) -> Any:
 
 def _tag_rule(node: Node, cts: Sequence[Any]) -> list[Any]:
     """tag: identity (ct passes through); the cotangent is also handed to the collector."""
-    if _COLLECTORS:
-        _COLLECTORS[-1].add(node.params, cts[0])
+    if COLLECTORS:
+        COLLECTORS[-1].add((node.params["name"], node.params["index"]), cts[0],
+                           node.params.get("step", ()))
     return [cts[0]]
 
 
@@ -112,19 +81,54 @@ def _record_tag(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any],
     """Record the tag node and tell the active collector which tags exist (for zeros)."""
     values, slots = zip(*map(trace.unwrap, tracers))
     out = _jax.bind_on(trace.parent, primitive, values, params)
-    if not _COLLECTORS:
+    if not COLLECTORS:
         return trace.record(primitive, params, values, slots, out, _pass_rule)
-    collector = _COLLECTORS[-1]
-    if trace.parent is not collector.parent:  # an inner tape: a loop body, a nested grad
-        collector.inner.add(params["name"])
+    collector = COLLECTORS[-1]
+    if outermost(trace).parent is not collector.root.parent:  # a gradient inside the loss
+        collector.root.inner.add(params["name"])
         return trace.record(primitive, params, values, slots, out, _pass_rule)
-    collector.note(params, _jax.aval_of(values[0]))
-    return trace.record(primitive, params, values, slots, out, _tag_rule)
+    step = tuple(STEPS)
+    collector.note((params["name"], params["index"]), params["treedef"], params["count"],
+                   _jax.aval_of(values[0]), step)
+    return trace.record(primitive, dict(params, step=step) if step else params, values, slots,
+                        out, _tag_rule)
 
 
 def _pass_rule(node: Node, cts: Sequence[Any]) -> list[Any]:
     """tag outside grad_and_tags: identity."""
     return [cts[0]]
+
+
+class scope_tag(ScopedContext):
+    """Tag the values a named scope sends out, without editing the model.
+
+    Inside the block (or decorated function), every value computed under a ``jax.named_scope``
+    / Flax module path matching ``scope`` (see :mod:`jaxprop.scopes`) and used by code
+    outside that scope — the module's outputs — is tagged: :func:`grad_and_tags` returns
+    ``tags[name]``, a list with ``∂L/∂value`` for each such value in the order they were
+    first used outside::
+
+        f = jaxprop.scope_tag("MLP/block1", "block1")(loss)
+        grads, tags = jaxprop.grad_and_tags(f)(params, x)   # tags["block1"][0]: ∂L/∂out
+
+    Flax nnx and Equinox modules get a scope with :func:`jaxprop.scoped`. It acts on what
+    jaxprop records (not under plain ``jax.grad``; under ``jax.jit`` enter it inside the
+    jitted function): a block that tagged nothing warns when it ends.
+    """
+
+    active = WATCHES
+    kind = "scope_tag"
+
+    def __init__(self, scope: str, name: str, *, warn: bool = True) -> None:
+        super().__init__(scope, warn)
+        self.name = name
+
+    def apply(self, value: Any, index: int) -> Any:
+        """The tagged value: leaf ``index`` of the list ``tags[name]``."""
+        return tag_p.bind(value, name=self.name, index=index, count=None, treedef=None)
+
+    def describe(self) -> str:
+        return f"jaxprop.scope_tag({self.scope!r}, {self.name!r})"
 
 
 def value_and_grad_and_tags(fun: Callable, argnums: int | Sequence[int] = 0,
@@ -139,12 +143,12 @@ def value_and_grad_and_tags(fun: Callable, argnums: int | Sequence[int] = 0,
 
     @functools.wraps(fun)
     def wrapped(*args: Any, **kw: Any) -> Any:
-        collector = _Collector(_jax.get_current_trace())
-        _COLLECTORS.append(collector)
+        collector = TagCollector(_jax.get_current_trace())
+        COLLECTORS.append(collector)
         try:
             value, grads = vg(*args, **kw)
         finally:
-            _COLLECTORS.remove(collector)
+            COLLECTORS.remove(collector)
         return value, (grads, collector.result())
 
     return wrapped

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprop import _jax
+from jaxprop import _jax, scopes
 from jaxprop.registry import Node, NodeRule, lookup, missing_rule_error, zero_rule
 
 
@@ -75,6 +75,38 @@ def handler(*names: str) -> Callable[[Handler], Handler]:
     return register
 
 
+# The traces whose loop bodies / branches are being recorded right now (innermost last).
+_BODY_OF: list[Any] = []
+
+
+@contextlib.contextmanager
+def pushed(stack: list[Any], item: Any) -> Iterator[Any]:
+    """``item`` on top of ``stack`` for the block (removed after it, even on error)."""
+    stack.append(item)
+    try:
+        yield item
+    finally:
+        del stack[max(i for i, x in enumerate(stack) if x is item)]  # its innermost entry
+
+
+def recording_body_of(trace: Any) -> Any:
+    """Traces made inside the block record a sub-program (loop body, branch) of ``trace``."""
+    return pushed(_BODY_OF, trace)
+
+
+def outermost(trace: Any) -> Any:
+    """The trace whose tape holds ``trace``'s, following loop bodies and branches outwards."""
+    while getattr(trace, "body_of", None) is not None:
+        trace = trace.body_of
+    return trace
+
+
+# Contexts acting on values that leave a named scope (``scope_hook``, ``scope_tag``), innermost
+# last. Each has ``scope`` (a pattern), ``apply(value, index) -> value`` (binds a marker on the
+# current trace) and ``acted(key, trace)``.
+WATCHES: list[Any] = []
+
+
 class JaxpropTrace(_jax.Trace):
     """A tape-recording trace over ``parent``; see the module docstring."""
 
@@ -84,6 +116,9 @@ class JaxpropTrace(_jax.Trace):
         self.nodes: list[Node] = []
         self._slots = 0
         self.requires_low = True
+        self.body_of = _BODY_OF[-1] if _BODY_OF else None  # a loop body's tape: its owner
+        self.inside: dict[int, list[Any]] = {}  # slot -> watches whose scope computed it
+        self.crossed: dict[tuple[int, int], Any] = {}  # (slot, watch) -> value outside
 
     # -- values ---------------------------------------------------------------------------
     def new_input(self, value: Any, aval: Any = None) -> JaxpropTracer:
@@ -119,9 +154,50 @@ class JaxpropTrace(_jax.Trace):
         if any(s is not None for s in out_slots):
             self.nodes.append(Node(primitive, params, tuple(inputs), outs, tuple(in_slots),
                                    tuple(out_slots), rule, residuals, _jax.current_source()))
+            if WATCHES:
+                self._note_scope(out_slots)
         return list(wrapped) if multiple else wrapped[0]
 
+    # -- values leaving a watched scope ----------------------------------------------------
+    def _note_scope(self, out_slots: Sequence[int | None]) -> None:
+        """Remember which watches' scopes the new values were computed in."""
+        scope = scopes.current_scope()
+        watches = [w for w in WATCHES if scopes.scope_matches(w.scope, scope)]
+        if watches:
+            for slot in out_slots:
+                if slot is not None:
+                    self.inside[slot] = watches
+
+    def leaving(self, tracers: Sequence[Any]) -> list[Any]:
+        """``tracers``, where one computed inside a watched scope is used outside it replaced
+        by the watch's marker of it (one per value and watch: all outside uses share it)."""
+        scope, out = None, []
+        for t in tracers:
+            watches = self.inside.get(self.unwrap(t)[1]) if isinstance(t, JaxpropTracer) else None
+            if watches and not self.inside.get(-1):
+                scope = scopes.current_scope() if scope is None else scope
+                for w in watches:
+                    if w in WATCHES and not scopes.scope_matches(w.scope, scope):
+                        t = self._cross(t, w)
+            out.append(t)
+        return out
+
+    def _cross(self, tracer: JaxpropTracer, watch: Any) -> Any:
+        key = (tracer.slot, id(watch))
+        if key not in self.crossed:
+            index = sum(1 for k in self.crossed if k[1] == id(watch))
+            self.inside[-1] = [watch]  # re-entry guard: binding the marker records a node
+            try:
+                with _jax.set_current_trace(self):
+                    self.crossed[key] = watch.apply(tracer, index)
+            finally:
+                del self.inside[-1]
+            watch.acted(watch.describe(), self)
+        return self.crossed[key]
+
     def process_primitive(self, primitive: Any, tracers: Sequence[Any], params: dict) -> Any:
+        if WATCHES and self.inside:
+            tracers = self.leaving(tracers)
         values, slots = zip(*map(self.unwrap, tracers)) if tracers else ((), ())
         if all(s is None for s in slots):
             return _jax.bind_on(self.parent, primitive, values, params)
@@ -137,7 +213,7 @@ class JaxpropTrace(_jax.Trace):
         outs = outputs if primitive.multiple_results else (outputs,)
         if not any(is_differentiable(_jax.aval_of(o)) for o in outs):
             return outputs  # comparisons, argmax, iota …: nothing to differentiate
-        rule = lookup(primitive.name)
+        rule = lookup(primitive.name, self)
         if rule is None:
             raise missing_rule_error(primitive)
         if rule is zero_rule:
@@ -147,12 +223,16 @@ class JaxpropTrace(_jax.Trace):
     def process_custom_jvp_call(self, primitive: Any, fun: Any, jvp: Any,
                                 tracers: Sequence[Any], *, symbolic_zeros: bool) -> Any:
         from jaxprop.rules.custom import custom_jvp_call
+        if WATCHES and self.inside:
+            tracers = self.leaving(tracers)
         return custom_jvp_call(self, primitive, fun, jvp, tracers, symbolic_zeros)
 
     def process_custom_vjp_call(self, primitive: Any, fun: Any, fwd: Any, bwd: Any,
                                 tracers: Sequence[Any], *, out_trees: Any,
                                 symbolic_zeros: bool) -> Any:
         from jaxprop.rules.custom import custom_vjp_call
+        if WATCHES and self.inside:
+            tracers = self.leaving(tracers)
         return custom_vjp_call(self, primitive, fun, fwd, bwd, tracers, out_trees,
                                symbolic_zeros)
 
@@ -182,7 +262,7 @@ class LinearTrace(JaxpropTrace):
         special = HANDLERS.get(primitive.name)
         if special is not None:
             return special(self, primitive, tracers, params)
-        rule = lookup(primitive.name)
+        rule = lookup(primitive.name, self)
         if rule is None:
             raise missing_rule_error(primitive)
         out_avals = _jax.abstract_eval(primitive, [_jax.aval_of(v) for v in values], params)

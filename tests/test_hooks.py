@@ -1,5 +1,7 @@
 """Hooks, rule overrides, straight-through, gradient reversal, clipping, feedback alignment."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,7 +125,78 @@ def test_override_applies_to_its_scope_only():
     np.testing.assert_allclose(jax.jit(jaxprop.grad(relu_twice))(X), expect)
     np.testing.assert_allclose(jaxprop.grad(lambda x: jnp.sum(jnp.maximum(x, 0.0)))(X),
                                (X > 0) * 1.0)                 # restored afterwards
-    np.testing.assert_allclose(jax.grad(relu_twice)(X), (X > 0) * 11.0)  # JAX unaffected
+    with pytest.warns(jaxprop.ScopeWarning, match="not differentiated by jaxprop"):
+        np.testing.assert_allclose(jax.grad(relu_twice)(X), (X > 0) * 11.0)  # JAX unaffected
+
+
+def test_override_of_an_unknown_primitive_raises_with_close_matches():
+    rule = jaxprop.vjp_rule(lambda ct, out, x: ct)
+    with pytest.raises(ValueError, match="no primitive called 'tahn'.*'tanh'"):
+        jaxprop.override("tahn", rule)
+    with pytest.raises(ValueError, match="cannot replace the rule of 'scan'"):
+        jaxprop.override({"scan": rule})
+    assert jaxprop.registry.OVERRIDES == []
+
+
+def test_override_counts_what_it_matched_and_warns_when_nothing_did():
+    five = jaxprop.vjp_rule(lambda ct, out, x: 5 * ct)
+    with jaxprop.override({"sin": five, "cos": five}) as o:
+        g = jaxprop.grad(lambda x: jnp.sin(x) * 2.0)(0.3)
+    assert float(g) == 10.0 and o.matched == {"sin": 1}
+    assert "sin: 1 node(s)" in o.report() and "cos: 0 node(s)" in o.report()
+    with pytest.warns(jaxprop.ScopeWarning, match="had no effect"):
+        with jaxprop.override("sin", five) as unused:
+            g = jax.grad(jnp.sin)(0.3)                # JAX's autodiff: the rule is not used
+    np.testing.assert_allclose(g, jnp.cos(0.3), rtol=1e-6)
+    assert "nothing matched" in unused.report()
+
+
+def test_override_and_an_already_compiled_jit():
+    five = jaxprop.vjp_rule(lambda ct, out, x: 5 * ct)
+    step = jax.jit(jaxprop.grad(jnp.sin))
+    step(0.3)                                          # compiled without the override
+    with pytest.warns(jaxprop.ScopeWarning, match="compiled before the block"):
+        with jaxprop.override("sin", five):
+            g = step(0.3)                              # the cached program: ordinary rule
+    np.testing.assert_allclose(g, jnp.cos(0.3), rtol=1e-6)
+    fresh = jax.jit(jaxprop.grad(lambda x: jnp.sin(x)))
+    with pytest.warns(jaxprop.ScopeWarning, match="entered outside the jax.jit"):
+        with jaxprop.override("sin", five):
+            assert float(fresh(0.3)) == 5.0            # traced in the block: baked in
+    def jitted_first(x):                               # traced by jit before jaxprop
+        with jaxprop.override("sin", five):
+            return jnp.sin(x)
+
+    with pytest.warns(jaxprop.ScopeWarning, match="jaxprop.grad\\(jax.jit\\(f\\)\\)"):
+        np.testing.assert_allclose(jaxprop.grad(jax.jit(jitted_first))(0.3), jnp.cos(0.3),
+                                   rtol=1e-6)
+    inside = jax.jit(jaxprop.grad(jaxprop.override("sin", five)(jnp.sin)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # entered inside the jit: no warning
+        assert float(inside(0.3)) == 5.0
+
+
+def test_override_by_scope_changes_only_that_scope():
+    """The override applies to tanh under named scope "block1" only; the expected gradient is
+    jax.grad of the program with that tanh's derivative replaced (here by 1)."""
+    def model(x):
+        with jax.named_scope("block1"):
+            a = jnp.tanh(x) * 2.0
+        with jax.named_scope("block2"):
+            b = jnp.tanh(a)
+        return jnp.sum(b)
+
+    def explicit(x):                                   # tanh of block1 with derivative 1
+        t = jnp.tanh(x)
+        a = (x + jax.lax.stop_gradient(t - x)) * 2.0
+        return jnp.sum(jnp.tanh(a))
+
+    identity = jaxprop.vjp_rule(lambda ct, out, x: ct)
+    for wrap in (lambda f: f, jax.jit):
+        g = wrap(jaxprop.grad(jaxprop.override("tanh", identity, scope="block1")(model)))(X)
+        np.testing.assert_allclose(g, jax.grad(explicit)(X), rtol=1e-5)
+    with pytest.warns(jaxprop.ScopeWarning, match="name scope matching 'nowhere'"):
+        jaxprop.grad(jaxprop.override("tanh", identity, scope="nowhere")(model))(X)
 
 
 def test_override_as_decorator_nested_and_node_rule():

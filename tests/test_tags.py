@@ -112,14 +112,73 @@ def test_tags_under_vmap():
     np.testing.assert_allclose(tags["h"], 2 * jnp.sin(0.7 * X), rtol=1e-6)
 
 
-def test_tags_inside_a_scan_body_are_a_clear_error():
-    def f(w, xs):
-        def body(c, x):
-            c = jaxprop.tag(jnp.tanh(c * w + x), "c")
-            return c, c
-        return jnp.sum(jax.lax.scan(body, 0.0, xs)[1])
+def scanned(w, xs, eps=None):
+    """A tanh RNN; ``eps`` perturbs each step's state (the JAX way to get ∂L/∂state)."""
+    eps = jnp.zeros_like(xs) if eps is None else eps
 
-    with pytest.raises(ValueError, match="inside a scan"):
-        jaxprop.grad_and_tags(f)(0.5, jnp.ones(3))
-    np.testing.assert_allclose(jaxprop.grad(f)(0.5, jnp.ones(3)), jax.grad(f)(0.5, jnp.ones(3)),
-                               rtol=1e-5)
+    def body(c, xe):
+        x, e = xe
+        c = jaxprop.tag(jnp.tanh(c * w + x), "c") + e
+        return c, c ** 2
+    return jnp.sum(jax.lax.scan(body, 0.3, (xs, eps))[1] * jnp.arange(1.0, 4.0))
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_tags_inside_a_scan_body_give_a_per_step_stack(mode):
+    xs = jnp.array([0.1, -0.4, 0.3])
+    f = jaxprop.grad_and_tags(scanned)
+    g, tags = (jax.jit(f) if mode == "jit" else f)(0.5, xs)
+    want_g, want_c = jax.grad(scanned, argnums=(0, 2))(0.5, xs, jnp.zeros(3))
+    np.testing.assert_allclose(tags["c"], want_c, rtol=1e-5)     # shape (3,): one per step
+    np.testing.assert_allclose(g, want_g, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positive", [True, False])
+def test_tags_inside_a_traced_cond_branch(positive):
+    def f(w, x, eps=0.0):
+        a = lambda x: (jaxprop.tag(jnp.sin(x * w), "s") + eps) * 2.0  # noqa: E731
+        b = lambda x: jnp.cos(x * w) + 0.0 * eps  # noqa: E731
+        return jnp.sum(jax.lax.cond(x[0] > 0, a, b, x))
+
+    x = jnp.array([1.0, 2.0]) * (1 if positive else -1)
+    g, tags = jax.jit(jaxprop.grad_and_tags(f))(0.3, x)
+    want_g, want_s = jax.grad(f, argnums=(0, 2))(0.3, x, jnp.zeros(2))
+    np.testing.assert_allclose(tags["s"], want_s)                 # zeros if b ran
+    np.testing.assert_allclose(g, want_g, rtol=1e-5)
+
+
+def test_scope_tag_gives_the_gradients_of_what_a_scope_sends_out():
+    def model(params, x, eps=0.0):
+        with jax.named_scope("block1"):
+            h = jnp.tanh(x @ params["w1"])
+        h = h + eps                                   # the JAX way: a zero perturbation
+        return jnp.sum(jax.nn.log_softmax(h @ params["w2"]) * jnp.array([1.0, 0.0]))
+
+    f = jaxprop.scope_tag("block1", "block1")(model)
+    for wrap in (lambda f: f, jax.jit):
+        grads, tags = wrap(jaxprop.grad_and_tags(f))(PARAMS, X)
+        want = jax.grad(model, argnums=2)(PARAMS, X, jnp.zeros((4, 5)))
+        assert len(tags["block1"]) == 1
+        np.testing.assert_allclose(tags["block1"][0], want, rtol=1e-5, atol=1e-7)
+
+
+def test_tags_inside_an_eager_while_loop_give_one_gradient_per_iteration():
+    def f(w, eps=None):
+        eps = jnp.zeros(3) if eps is None else eps
+
+        def body(c):
+            i, h = c
+            return i + 1, jaxprop.tag(jnp.tanh(h * w), "h") + eps[i]
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, 0.5))[1] ** 2
+
+    def unrolled(w, eps):                 # JAX has no reverse mode for while_loop
+        h = 0.5
+        for i in range(3):
+            h = jnp.tanh(h * w) + eps[i]
+        return h ** 2
+
+    g, tags = jaxprop.grad_and_tags(f)(0.8)
+    np.testing.assert_allclose(f(0.8), unrolled(0.8, jnp.zeros(3)), rtol=1e-6)
+    want_g, want_h = jax.grad(unrolled, argnums=(0, 1))(0.8, jnp.zeros(3))
+    np.testing.assert_allclose(tags["h"], want_h, rtol=1e-5)
+    np.testing.assert_allclose(g, want_g, rtol=1e-5)

@@ -36,12 +36,13 @@ from jax.tree_util import tree_flatten, tree_unflatten
 
 from jaxprop import _jax
 from jaxprop.checkpointing import budget
-from jaxprop.registry import Cotangent, Node, defvjp, noderule
+from jaxprop.registry import OVERRIDES, Cotangent, Node, defvjp, noderule
 from jaxprop.rules._util import convert_like
-from jaxprop.rules.custom import eval_on, inline_call, typed_outputs
-from jaxprop.sweep import backward
+from jaxprop.collect import COLLECTORS, TagCollector, loop_step, sub_collector
+from jaxprop.rules.custom import eval_on, has_marker, inline_call, typed_outputs
+from jaxprop.sweep import SWEEP_CHECKS, backward
 from jaxprop.tracer import (HANDLERS, JaxpropTrace, LinearTrace, Tape, handler,
-                            is_differentiable, run_traced)
+                            is_differentiable, recording_body_of, run_traced)
 
 __all__ = ["WhileLoopError", "cond", "remat", "scan", "while_loop"]
 
@@ -156,10 +157,12 @@ def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
     if compiled is not None:
         fixed, closed = compiled.static, compiled.closed
     else:
-        with _jax.set_current_trace(trace.parent):
+        with (_jax.set_current_trace(trace.parent), recording_body_of(trace),
+              sub_collector() as tags):
             fixed, (carry, ys, stacked, fixed_arrays) = _scan_forward(
                 closed, values, diff, params,
                 prune=not any(isinstance(v, _jax.Tracer) for v in values))
+        _note_stacked(tags, params["length"])
     info = dict(params, jaxpr=closed, diff=diff, layout=fixed["layout"], dead=fixed["dead"])
     return trace.record(primitive, info, values, slots, [*carry, *ys], _scan_rule,
                         residuals=(stacked, fixed_arrays))
@@ -168,6 +171,11 @@ def scan(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
 def _budgeted(length: int) -> bool:
     """Whether a scan of ``length`` steps exceeds the carries a scan budget allows."""
     return budget().scans is not None and length > budget().scans
+def _note_stacked(tags: TagCollector | None, length: int) -> None:
+    """Tell the enclosing collector about the tags of a scan body: stacked per step."""
+    for key, (treedef, count, aval) in (tags.notes.items() if tags is not None else ()):
+        stacked = None if aval is None else aval.update(shape=(length, *aval.shape))
+        COLLECTORS[-1].note(key, treedef, count, stacked)
 
 
 def _scan_forward(closed: Any, values: Sequence[Any], diff: tuple, params: dict, prune: bool
@@ -220,9 +228,10 @@ _FORWARDS: dict[Any, _CompiledForward | None] = {}
 def _compiled_forward(trace: JaxpropTrace, values: Sequence[Any], diff: tuple, params: dict
                       ) -> _CompiledForward | None:
     """The cached compiled forward for this scan when recording eagerly, else None."""
-    if (type(trace) is not JaxpropTrace or not _jax.is_eager(trace.parent)
+    if (type(trace) is not JaxpropTrace or not _jax.is_eager(trace.parent) or OVERRIDES
+            or SWEEP_CHECKS or has_marker(params["jaxpr"].jaxpr)
             or any(isinstance(v, _jax.Tracer) for v in values)):
-        return None
+        return None  # (the cached layout holds the rules: an override, a tag must not stick)
     body = _jax.jaxpr_key(params["jaxpr"])
     if body is None:
         return None
@@ -343,18 +352,21 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
             out_cts[i - n_c] = ct
         for j, ct in zip(ys_ct, ct_ys):
             out_cts[n_k + j] = ct
-        in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
+        with sub_collector() as tags:  # the body's tags: one cotangent per step
+            in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
         new_carry = [_ct_for(in_cts[position[i]], values[i]) for i in carry_d]
         new_acc = [a + _ct_for(in_cts[position[i]], values[i]) for a, i in zip(acc, const_d)]
         ct_xs = [_ct_for(in_cts[position[i]], values[i], step=True) for i in xs_d]
-        return (new_carry, new_acc), ct_xs
+        return (new_carry, new_acc), (ct_xs, dict(tags.cts) if tags is not None else {})
 
     init = ([_ct_for(cts[i - n_c], values[i]) for i in carry_d],
             [_ct_for(None, values[i]) for i in const_d])
-    (ct_init, ct_consts), ct_xs = lax.scan(
+    (ct_init, ct_consts), (ct_xs, tag_cts) = lax.scan(
         step, init, (list(stacked), list(values[n_c + n_k:]), [cts[n_k + j] for j in ys_ct]),
         length=p["length"],
         reverse=not p["reverse"], unroll=p["unroll"])
+    for key, ct in tag_cts.items():  # stacked per step, aligned with the forward's steps
+        COLLECTORS[-1].add(key, ct)
     out: list[Cotangent] = [None] * len(values)
     for i, ct in zip(const_d, ct_consts):
         out[i] = ct
@@ -392,7 +404,8 @@ def cond(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
 
     # Every branch returns every branch's residuals (zeros for the others'), as switch needs
     # one output type: first their shapes, then the switch itself.
-    shapes = [jax.eval_shape(lambda *ops, b=b: run(b, ops)[2], *ops) for b in branches]
+    with recording_body_of(trace):
+        shapes = [jax.eval_shape(lambda *ops, b=b: run(b, ops)[2], *ops) for b in branches]
     starts = np.cumsum([0] + [len(r) for r in shapes]).tolist()
     layouts, fixed = [None] * len(branches), [None] * len(branches)
 
@@ -404,7 +417,7 @@ def cond(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
                 [a for rs in zeros[i + 1:] for a in rs]
         return taken
 
-    with _jax.set_current_trace(trace.parent):
+    with _jax.set_current_trace(trace.parent), recording_body_of(trace):
         outs, residuals = lax.switch(values[0], [branch(i) for i in range(len(branches))], ops)
     info = dict(params, diff=diff, layouts=tuple(layouts), starts=tuple(starts))
     return trace.record(primitive, info, values, slots, outs, _cond_rule,
@@ -417,20 +430,34 @@ def _cond_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     residuals, fixed = node.residuals
     present = [j for j, ct in enumerate(cts) if ct is not None]
 
-    def branch_vjp(i: int) -> Callable:
-        def vjp(ops: list, residuals: list, cts_present: list) -> list:
+    def branch_vjp(i: int, tag_types: dict | None) -> Callable:
+        def vjp(ops: list, residuals: list, cts_present: list) -> tuple:
             tape = p["layouts"][i].rebuild(ops, residuals[p["starts"][i]:p["starts"][i + 1]],
                                            fixed[i])
             out_cts: list = [None] * len(cts)
             for j, ct in zip(present, cts_present):
                 out_cts[j] = ct
-            in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
+            with sub_collector() as tags:  # the branch's tags (zeros for other branches')
+                in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
+            got = tags.cts if tags is not None else {}
+            if tag_types is not None:
+                got = {k: jnp.zeros(t.shape, t.dtype) if got.get(k) is None
+                       else lax.convert_element_type(got[k], t.dtype)
+                       for k, t in tag_types.items()}
             return [_ct_for(ct, v) for ct, v in zip(in_cts, (o for o, d in zip(ops, p["diff"])
-                                                              if d))]
+                                                              if d))], got
         return vjp
 
-    in_cts = iter(lax.switch(index, [branch_vjp(i) for i in range(len(p["layouts"]))], ops,
-                             list(residuals), [cts[j] for j in present]))
+    args = (ops, list(residuals), [cts[j] for j in present])
+    n = len(p["layouts"])
+    tag_types: dict = {}
+    if COLLECTORS:  # every branch must return every branch's tags: first their types
+        for i in range(n):
+            tag_types.update(jax.eval_shape(branch_vjp(i, None), *args)[1])
+    in_cts, tag_cts = lax.switch(index, [branch_vjp(i, tag_types) for i in range(n)], *args)
+    for key, ct in tag_cts.items():
+        COLLECTORS[-1].add(key, ct)
+    in_cts = iter(in_cts)
     return [None] + [next(in_cts) if d else None for d in p["diff"]]
 
 
@@ -457,7 +484,8 @@ def while_loop(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], para
                                  params, n_cc, steps)
         if not pred:
             return carry
-        carry = eval_on(trace, bj, [*body_consts, *carry])
+        with loop_step(steps):  # tags in the body: one per iteration
+            carry = eval_on(trace, bj, [*body_consts, *carry])
         steps += 1
 
 

@@ -27,9 +27,9 @@ from jax.extend.core import Literal, jaxprs_in_params
 
 from jaxprop import _jax
 from jaxprop.registry import OVERRIDES, Cotangent, Node
-from jaxprop.sweep import backward
-from jaxprop.tracer import (JaxpropTrace, LinearTrace, Tape, handler, inlining_forced,
-                            run_traced, zeros_like_value)
+from jaxprop.sweep import SWEEP_CHECKS, backward
+from jaxprop.tracer import (WATCHES, JaxpropTrace, LinearTrace, Tape, handler,
+                            inlining_forced, run_traced, zeros_like_value)
 
 
 @handler("jit", "closed_call", "core_call")
@@ -47,20 +47,22 @@ def _compile_as_one_node(trace: JaxpropTrace, closed: Any) -> bool:
     """Eagerly, a jitted call runs as one dispatch and its VJP as one compiled program —
     unless something must be seen per primitive (explain, overrides, tags, hooks, effects)."""
     return (_eager_fast_path(trace) and hasattr(closed, "consts")
-            and not _jax.has_effects(closed) and not _has_marker(closed.jaxpr))
+            and not _jax.has_effects(closed) and not has_marker(closed.jaxpr))
 
 
 def _eager_fast_path(trace: JaxpropTrace) -> bool:
     """Recording eagerly, with nothing asking to see every primitive."""
     return (type(trace) is JaxpropTrace and _jax.is_dispatching(trace.parent)
-            and not inlining_forced() and not OVERRIDES)
+            and not inlining_forced() and not OVERRIDES and not SWEEP_CHECKS
+            and not WATCHES)
 
 
 @functools.lru_cache(maxsize=4096)
-def _has_marker(jaxpr: Any) -> bool:
+def has_marker(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (or a sub-program in it) holds a tag or hook."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _jax.MARKERS or any(
-                _has_marker(sub) for sub in jaxprs_in_params(eqn.params)):
+                has_marker(sub) for sub in jaxprs_in_params(eqn.params)):
             return True
     return False
 
