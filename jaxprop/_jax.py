@@ -278,3 +278,28 @@ from jax._src import custom_derivatives as _custom_derivatives  # noqa: E402
 _jax_maybe_perturbed = _custom_derivatives._maybe_perturbed
 _custom_derivatives._maybe_perturbed = (
     lambda x: getattr(type(x), "perturbed", False) is True or _jax_maybe_perturbed(x))
+
+
+# -- user-written derivative rules inside a program (jaxprop.testing) ----------------------
+_JAX_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                  for m in (jax, __import__("jaxlib")))
+
+
+def custom_rules_outside_jax(closed: Any) -> list[str]:
+    """``'fn at file:line'`` for each ``custom_jvp`` / ``custom_vjp`` function in ``closed``
+    (a ClosedJaxpr, nested jaxprs included) that was defined outside JAX's own source."""
+    found: list[str] = []
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("custom_jvp_call", "custom_vjp_call"):
+                info = getattr(eqn.params["call_jaxpr"].jaxpr, "debug_info", None)
+                where = getattr(info, "func_src_info", None) or "?"
+                path = where.rpartition(" at ")[2]
+                if not os.path.abspath(path.rpartition(":")[0] or path).startswith(_JAX_DIRS):
+                    found.append(where)
+            for sub in _core.subjaxprs(jaxpr):
+                walk(sub)
+
+    walk(closed.jaxpr)
+    return list(dict.fromkeys(found))
