@@ -206,8 +206,9 @@ class Explanation:
         collapse = self.collapse if collapse == "default" else collapse
         fmt = lambda x: format_value(x, self.max_full)  # noqa: E731
         width = terminal_width() if width is None else width
-        if collapse is not None:
-            return self._group_table(collapse, fmt, width)
+        if collapse is not None:  # an overview: summaries without min/max, as in graphs
+            return self._group_table(collapse, lambda x: format_value(
+                x, self.max_full, compact=True), width)
         header = ["#", "op", "output", "inputs", "local ∂out/∂in", "upstream ∂L/∂out",
                   "downstream ∂L/∂in", "source"]
         body = []

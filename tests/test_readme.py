@@ -6,8 +6,9 @@ The rule, which README authors follow:
   definitions), as a file named ``example.py`` (that is the file name tracebacks and jaxprop's
   source columns show; line 1 is the block's first line). The working directory is a
   temporary one, so files a block writes (plots, graphs) land there.
-- All blocks run in one subprocess, in README order (JAX starts once); JAX's x64 flag is
-  restored after each block, so one block cannot change the next.
+- All blocks run in one subprocess, in README order (JAX starts once), with ``COLUMNS=120``
+  (explain's tables fit that terminal width); JAX's x64 flag is restored after each block,
+  so one block cannot change the next.
 - If the first non-blank line after a block's closing fence opens a plain ``` fence (no
   language), that block is the output: what the python block prints must equal it, line by
   line, after removing trailing whitespace from every line and blank lines at both ends.
@@ -100,7 +101,8 @@ BLOCKS = readme_blocks(README.read_text())
 @pytest.fixture(scope="module")
 def executed():
     """Run every block once, in one subprocess; results keyed by the block's README line."""
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+               COLUMNS="120")  # tables fit the terminal: a fixed one
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(ROOT)], env=env, text=True,
                           input=json.dumps([(line, code) for line, code, _ in BLOCKS]),
                           capture_output=True, timeout=600)
