@@ -192,3 +192,36 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_same_tests():
     ci = (EXPERIMENTS.parent / ".ci" / "run").read_text()
     assert f"TEST_COMMAND='{test_command}'" in ci
     assert 'python" -m pytest -q -n 2 -m "not slow" ||' in ci and "HYPOTHESIS_PROFILE=ci" in ci
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    real_epoch_key = train.epoch_key
+
+    def interrupted(seed, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch_key(seed, epoch)
+
+    monkeypatch.setattr(train, "epoch_key", interrupted)
+    flags = ["--task", "iris", "--epochs", "4", "--no-plot", "--check-every", "0"]
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, *flags)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "checkpoint of epoch 2/4 saved" in err
+    assert "resume with: python" in err and "--task iris" in err and err.rstrip().endswith(
+        "--resume")
+    monkeypatch.setattr(train, "epoch_key", real_epoch_key)
+    summary, history = run(tmp_path, *flags, "--resume")
+    assert summary["resumed_from_epoch"] == 2 and [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_a_one_epoch_run_still_plots_something(tmp_path):
+    summary, history = run(tmp_path, "--task", "iris", "--epochs", "1", "--check-every", "0")
+    assert (tmp_path / "run" / "curves.png").exists()
+    fig = train.draw_curves(history, "accuracy", "iris")
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        assert lines and all(len(line.get_xdata()) >= 2 or line.get_marker() not in ("None", "")
+                             for line in lines)
+    assert len(fig.axes[0].get_lines()[0].get_xdata()) == len(history[0]["step_losses"]) > 1
