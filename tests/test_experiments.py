@@ -225,3 +225,16 @@ def test_a_one_epoch_run_still_plots_something(tmp_path):
         assert lines and all(len(line.get_xdata()) >= 2 or line.get_marker() not in ("None", "")
                              for line in lines)
     assert len(fig.axes[0].get_lines()[0].get_xdata()) == len(history[0]["step_losses"]) > 1
+
+
+def test_feedback_alignment_help_describes_every_flag():
+    script = EXPERIMENTS / "feedback_alignment.py"
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    flags = ["--epochs", "--hidden", "--batch", "--lr", "--seed", "--out", "--quick"]
+    assert all(flag in text for flag in flags)
+    # argparse prints "(default: …)" only after a flag's help text: one per flag
+    assert text.count("(default:") == len(flags), proc.stdout
+    assert "feedback matrices B" in text and "3 epochs" in text
