@@ -600,7 +600,7 @@ def markdown(report):
         "| workload | jit SGD step | trace + compile | eager gradient | peak memory | grad rel. err |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    if report["settings"].get("quick"):
+    if report.get("settings", {}).get("quick"):
         lines[1:1] = ["", QUICK_NOTE]
     for name, res in report["workloads"].items():
         err = res.get("grad_rel_err")
