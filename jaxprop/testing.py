@@ -1,7 +1,15 @@
-"""Property-test VJPs against JAX: ``check_vjp(f, *args)``.
+"""Property-test VJPs: ``check_vjp(f, *args)`` against JAX and finite differences.
 
 Used by jaxprop's own rule tests and meant for users who write their own rules
-(``jaxprop.defvjp``) or ``jax.custom_vjp`` functions.
+(``jaxprop.defvjp``) or ``jax.custom_vjp`` / ``jax.custom_jvp`` functions:
+
+- :func:`check_vjp` — jaxprop's VJPs to any order versus ``jax.vjp``'s, plus central finite
+  differences (orders 1 and 2) wherever JAX is no independent judge (a rule written outside
+  JAX: both sides call it; a primitive JAX cannot differentiate);
+- :func:`gradcheck`, :func:`gradgradcheck` — the finite-difference checks alone;
+- :func:`property_settings` — Hypothesis settings without the per-example deadline that JAX's
+  first compilation exceeds; :func:`arrays`, :func:`shapes`, :func:`pytrees` — strategies
+  (``arrays(jnp.float64)`` raises without x64 instead of drawing float32).
 
 Example::
 
