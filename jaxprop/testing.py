@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,7 +81,14 @@ def check_vjp(f: Callable, *args: Any, order: int = 1, seed: int = 0,
     jax_judges = True
     fd = finite_differences
     if fd is None:
-        fd = bool(user_rules(f, *args))
+        rules = user_rules(f, *args)
+        obstacle = _fd_obstacle(args) if rules else None
+        fd = bool(rules) and obstacle is None
+        if obstacle:
+            warnings.warn(f"check_vjp: {', '.join(rules)} is a rule written outside JAX, so "
+                          "jax.vjp calls it too and cannot judge it; finite differences cannot "
+                          f"either ({obstacle}). Only jaxprop-versus-JAX agreement is checked.",
+                          stacklevel=2)
     g_jax, g_ours = f, f
     for k in range(1, order + 1):
         out_ours, pull_ours = api.vjp(g_ours, *args)
@@ -91,10 +99,10 @@ def check_vjp(f: Callable, *args: Any, order: int = 1, seed: int = 0,
                 out_jax, pull_jax = jax.vjp(g_jax, *args)
                 theirs = pull_jax(ct)
             except NotImplementedError as err:  # JAX has no rule: only differences can judge
-                if finite_differences is False:
-                    raise AssertionError(f"JAX cannot differentiate f ({err}); pass "
-                                         "finite_differences=True to check against finite "
-                                         "differences instead.") from err
+                if finite_differences is False or _fd_obstacle(args):
+                    raise AssertionError(f"JAX cannot differentiate f ({err}), and "
+                                         f"{_fd_obstacle(args) or 'finite_differences=False'}"
+                                         ": nothing can judge this VJP.") from err
                 jax_judges, fd = False, True
             else:
                 _assert_close(out_ours, out_jax, rtol, atol, f"order {k} primal output")
@@ -162,17 +170,35 @@ def _cast_like(c: Any, like: Any) -> Any:
 
 
 # -- finite differences --------------------------------------------------------------------
+def _floating(x: Any) -> bool:
+    try:
+        return bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+    except TypeError:  # not an array (a function in an Equinox module, a string…)
+        return False
+
+
+def _fd_obstacle(args: tuple) -> str | None:
+    """Why finite differences cannot judge at ``args`` (None if they can)."""
+    leaves = tree_flatten(args)[0]
+    strange = [type(x).__name__ for x in leaves if not (_floating(x) or hasattr(x, "dtype")
+                                                       or isinstance(x, (int, bool)))]
+    if strange:
+        return f"inputs of type {', '.join(sorted(set(strange)))} cannot be perturbed"
+    if not any(map(_floating, leaves)):
+        return "no floating-point input: integer inputs have no derivative"
+    return None
+
+
 def _fd_precision(args: tuple) -> tuple[Any, float]:
     """(dtype to evaluate in, tolerance) for finite differences at ``args``' floating leaves.
 
     float64 is exact enough to judge to 1e-6; float32 (and half) inputs are evaluated in
     float64 when x64 is on, else in float32, which only judges to ~1e-2."""
-    dtypes = [jnp.result_type(x) for x in tree_flatten(args)[0]
-              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    if not dtypes:
-        raise ValueError("finite differences cannot judge this function: it has no "
-                         "floating-point input (integer inputs have no derivative). "
+    obstacle = _fd_obstacle(args)
+    if obstacle:
+        raise ValueError(f"finite differences cannot judge this function: {obstacle}. "
                          "Use finite_differences=False.")
+    dtypes = [jnp.result_type(x) for x in tree_flatten(args)[0] if _floating(x)]
     x64 = jax.config.jax_enable_x64
     lowest = min(jnp.finfo(d).bits for d in dtypes)
     if lowest >= 64 or x64:
@@ -187,7 +213,7 @@ def _check_finite_differences(f: Callable, args: tuple, ct: Any, vjp_ct: Any, or
     dtype, tol = _fd_precision(args)
     tol = tol if rtol is None else rtol
     ulp = float(jnp.finfo(dtype).eps)
-    floating = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact)  # noqa: E731
+    floating = _floating
     size = max([float(jnp.max(jnp.abs(x))) for x in tree_flatten(args)[0]
                 if floating(x) and jnp.size(x)] + [1.0])
     eps = eps if eps is not None else ulp ** (1 / 3) * size

@@ -139,6 +139,9 @@ def test_finite_differences_say_where_they_cannot_judge():
         check_vjp(lambda i: i * 2, jnp.arange(3), finite_differences=True)
     with pytest.raises(AssertionError, match="not finite within"):
         gradcheck(lambda x: jnp.log(x), jnp.array([0.0, 1.0]))
+    softclip = make_softclip(2.0)                  # a user rule, but only an integer input
+    with pytest.warns(UserWarning, match="finite differences cannot either"):
+        check_vjp(lambda i: softclip(i * 0.5), jnp.arange(3))
 
 
 def test_float64_strategy_without_x64_is_an_error():
