@@ -170,16 +170,6 @@ def test_main_job_reaches_97_percent(tmp_path):
 README = EXPERIMENTS.parent / "README.md"
 
 
-def test_readme_api_tour_runs():
-    """The README's Python blocks (API tour) execute as written."""
-    import re
-    text = README.read_text()
-    tour = text[text.index("## API tour"):text.index("## Results")]
-    code = "\n".join(re.findall(r"```python\n(.*?)```", tour, re.S))
-    assert "jaxprop.defvjp" in code and "check_vjp" in code
-    exec(compile(code, "README.md", "exec"), {})
-
-
 def test_readme_quickstart_is_two_commands_and_ci_runs_the_same_tests():
     text = README.read_text()
     section = text[text.index("## Quickstart"):]
