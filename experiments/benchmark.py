@@ -48,6 +48,10 @@ from pathlib import Path
 # -- flags ---------------------------------------------------------------------------------
 WORKLOADS = ["mlp_small", "mlp_wide", "cnn", "transformer", "lstm", "deep_mlp", "per_example"]
 METRICS = ["step", "compile", "eager", "memory"]
+QUICK_NOTE = ("--quick: a smoke run. Its eager figures include warm-up — jaxprop compiles a "
+              "tape's sweep on its third call, and JAX fills its op caches — and tiny sizes "
+              "with 1-2 rounds, so they are not steady-state timings: run without --quick "
+              "for those.")
 BUDGET_S = 10.0  # a timed comparison stops adding rounds after this long (3-4 rounds at least)
 
 
@@ -56,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark jaxprop against jax.grad (ratios jaxprop/jax; < 1 is better).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny sizes, 2 rounds (the tests run this)")
+                   help="smoke run: tiny sizes, 2 rounds (the tests run this); its eager figures "
+                        "include warm-up (compilation), so they are not steady-state timings")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds of the jit-step comparison (eager uses half, compile a quarter, "
                         "at least 2); default 30, or 2 with --quick")
@@ -743,6 +748,8 @@ def markdown(report):
         "| workload | jit SGD step | trace + compile | eager gradient | peak memory | grad rel. err |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    if report.get("settings", {}).get("quick"):
+        lines[1:1] = ["", QUICK_NOTE]
     for name, res in report["workloads"].items():
         err = res.get("grad_rel_err")
         cells = [res["title"]] + [cell(res.get(m), m) for m in METRICS]
@@ -839,6 +846,8 @@ def main(argv: list[str] | None = None) -> dict:
         versions=dict(jax=jax.__version__, python=platform.python_version()),
         settings=dict(quick=args.quick, rounds=args.rounds, target_ms=args.target_ms),
         workloads={}, extras={})
+    if args.quick:
+        print(QUICK_NOTE, flush=True)
     key = jax.random.PRNGKey(0)
     for i, name in enumerate(args.only):
         t0 = time.perf_counter()

@@ -12,7 +12,9 @@ only in the periodic gradient check and in the reference run drawn on the plot. 
 run resumed from a checkpoint repeats the uninterrupted run's losses exactly.
 
 Outputs (in --out, default runs/<task>): metrics.jsonl (one JSON line per epoch),
-curves.png (loss and test metric, jaxprop solid, jax.grad dashed), checkpoint.npz.
+curves.png (loss per step and test metric per epoch, jaxprop solid, jax.grad dashed),
+checkpoint.npz (after every epoch). Ctrl-C stops after saving the last complete epoch and
+prints the command that resumes the run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -371,32 +374,59 @@ def load_checkpoint(path: Path, template):
 
 
 # -- plot -------------------------------------------------------------------------------------
-def plot(history: list[dict], metric_name: str, title: str, path: Path) -> None:
+def draw_curves(history: list[dict], metric_name: str, title: str):
+    """The figure: train loss per SGD step and test loss per epoch (left), test metric (right).
+    Per-epoch values are drawn with markers, so even a 1-epoch run shows its points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "C0-", label="train loss (jaxprop)")
-    ax1.plot(epochs, [h["test_loss"] for h in history], "C1-", label="test loss (jaxprop)")
-    ax2.plot(epochs, [h["test_metric"] for h in history], "C0-", label=f"test {metric_name} (jaxprop)")
-    if all("ref_train_loss" in h for h in history):
-        ax1.plot(epochs, [h["ref_train_loss"] for h in history], "k--", lw=1, label="train loss (jax.grad)")
-        ax1.plot(epochs, [h["ref_test_loss"] for h in history], "k:", lw=1, label="test loss (jax.grad)")
-        ax2.plot(epochs, [h["ref_test_metric"] for h in history], "k--", lw=1,
+
+    def per_step(key):  # step losses at fractional epochs: epoch e's steps lie in (e-1, e]
+        xs, ys = [], []
+        for h in history:
+            n = len(h[key])
+            xs += [h["epoch"] - 1 + (i + 1) / n for i in range(n)]
+            ys += h[key]
+        return xs, ys
+
+    ax1.plot(*per_step("step_losses"), "C0-", lw=0.8, label="train loss per step (jaxprop)")
+    ax1.plot(epochs, [h["test_loss"] for h in history], "C1o-", ms=4, label="test loss (jaxprop)")
+    ax2.plot(epochs, [h["test_metric"] for h in history], "C0o-", ms=4,
+             label=f"test {metric_name} (jaxprop)")
+    if all("ref_step_losses" in h for h in history):
+        ax1.plot(*per_step("ref_step_losses"), "k--", lw=0.8, label="train loss per step (jax.grad)")
+        ax1.plot(epochs, [h["ref_test_loss"] for h in history], "kx:", lw=1, label="test loss (jax.grad)")
+        ax2.plot(epochs, [h["ref_test_metric"] for h in history], "kx--", lw=1,
                  label=f"test {metric_name} (jax.grad)")
     ax1.set(xlabel="epoch", ylabel="loss", yscale="log", title=title)
     ax2.set(xlabel="epoch", ylabel=metric_name, title=f"test {metric_name}")
     ax1.legend()
     ax2.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot(history: list[dict], metric_name: str, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = draw_curves(history, metric_name, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same flags plus --resume."""
+    flags = [a for a in argv if a != "--resume"] + ["--resume"]
+    return " ".join(["python", shlex.quote(sys.argv[0] or "experiments/train.py")]
+                    + [shlex.quote(a) for a in flags])
+
+
 # -- main -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from tqdm import tqdm
 
@@ -451,33 +481,46 @@ def main(argv: list[str] | None = None) -> dict:
 
     bar = tqdm(range(start_epoch, args.epochs), desc=args.task, unit="epoch", initial=start_epoch,
                total=args.epochs, disable=args.no_progress, file=sys.stderr)
-    for epoch in bar:
-        key = epoch_key(args.seed, epoch)
-        record = dict(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch)
-        if args.check_every and epoch % args.check_every == 0:
-            idx = batch_indices(key, n_train, args.batch_size)[0]
-            diff, size = map(float, grad_check(state["params"], x_train[idx], y_train[idx]))
-            grad_diffs.append(diff)
-            record["grad_check_max_abs_diff"] = diff
-            bar.write(f"epoch {epoch + 1:4d}: max |jaxprop.grad - jax.grad| = {diff:.3g}  "
-                      f"(max |grad| = {size:.3g})")
-        state["params"], state["opt_state"], losses = epoch_fn(
-            state["params"], state["opt_state"], x_train, y_train, key)
-        test_loss, test_metric = evaluate(state["params"], x_test, y_test)
-        record.update(train_loss=float(losses.mean()), test_loss=float(test_loss),
-                      test_metric=float(test_metric), step_losses=[float(v) for v in losses])
-        if overlay:
-            state["ref_params"], state["ref_opt_state"], ref_losses = ref_epoch_fn(
-                state["ref_params"], state["ref_opt_state"], x_train, y_train, key)
-            ref_test_loss, ref_test_metric = evaluate(state["ref_params"], x_test, y_test)
-            record.update(ref_train_loss=float(ref_losses.mean()), ref_test_loss=float(ref_test_loss),
-                          ref_test_metric=float(ref_test_metric),
-                          ref_step_losses=[float(v) for v in ref_losses])
-        history.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        save_checkpoint(ckpt_path, state, dict(config=config, epoch=epoch + 1, history=history))
-        bar.set_postfix(loss=f"{record['train_loss']:.4f}", **{metric_name: f"{record['test_metric']:.4f}"})
+    saved = dict(state=dict(state), epoch=start_epoch)   # the last complete epoch's state
+    try:
+        for epoch in bar:
+            key = epoch_key(args.seed, epoch)
+            record = dict(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch)
+            if args.check_every and epoch % args.check_every == 0:
+                idx = batch_indices(key, n_train, args.batch_size)[0]
+                diff, size = map(float, grad_check(state["params"], x_train[idx], y_train[idx]))
+                grad_diffs.append(diff)
+                record["grad_check_max_abs_diff"] = diff
+                bar.write(f"epoch {epoch + 1:4d}: max |jaxprop.grad - jax.grad| = {diff:.3g}  "
+                          f"(max |grad| = {size:.3g})")
+            state["params"], state["opt_state"], losses = epoch_fn(
+                state["params"], state["opt_state"], x_train, y_train, key)
+            test_loss, test_metric = evaluate(state["params"], x_test, y_test)
+            record.update(train_loss=float(losses.mean()), test_loss=float(test_loss),
+                          test_metric=float(test_metric), step_losses=[float(v) for v in losses])
+            if overlay:
+                state["ref_params"], state["ref_opt_state"], ref_losses = ref_epoch_fn(
+                    state["ref_params"], state["ref_opt_state"], x_train, y_train, key)
+                ref_test_loss, ref_test_metric = evaluate(state["ref_params"], x_test, y_test)
+                record.update(ref_train_loss=float(ref_losses.mean()), ref_test_loss=float(ref_test_loss),
+                              ref_test_metric=float(ref_test_metric),
+                              ref_step_losses=[float(v) for v in ref_losses])
+            history.append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(ckpt_path, state, dict(config=config, epoch=epoch + 1, history=history))
+            saved.update(state=dict(state), epoch=epoch + 1)
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}", **{metric_name: f"{record['test_metric']:.4f}"})
+    except KeyboardInterrupt:  # Ctrl-C: keep the last complete epoch and say how to go on
+        bar.close()
+        save_checkpoint(ckpt_path, saved["state"], dict(config=config, epoch=saved["epoch"],
+                                                        history=history[:saved["epoch"]]))
+        if overlay and saved["epoch"]:
+            plot(history[:saved["epoch"]], metric_name, f"{args.task}: {model_name}",
+                 args.out / "curves.png")
+        print(f"\ninterrupted: checkpoint of epoch {saved['epoch']}/{args.epochs} saved in "
+              f"{ckpt_path}\nresume with: {resume_command(argv)}", file=sys.stderr)
+        raise SystemExit(130) from None
     bar.close()
 
     if overlay and history:

@@ -408,3 +408,26 @@ def primitive_names(everywhere: bool = False) -> frozenset[str]:
             continue
         names.update(v.name for v in values if isinstance(v, _core.Primitive))
     return frozenset(names)
+# -- user-written derivative rules inside a program (jaxprop.testing) ----------------------
+_JAX_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                  for m in (jax, __import__("jaxlib")))
+
+
+def custom_rules_outside_jax(closed: Any) -> list[str]:
+    """``'fn at file:line'`` for each ``custom_jvp`` / ``custom_vjp`` function in ``closed``
+    (a ClosedJaxpr, nested jaxprs included) that was defined outside JAX's own source."""
+    found: list[str] = []
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("custom_jvp_call", "custom_vjp_call"):
+                info = getattr(eqn.params["call_jaxpr"].jaxpr, "debug_info", None)
+                where = getattr(info, "func_src_info", None) or "?"
+                path = where.rpartition(" at ")[2]
+                if not os.path.abspath(path.rpartition(":")[0] or path).startswith(_JAX_DIRS):
+                    found.append(where)
+            for sub in _core.subjaxprs(jaxpr):
+                walk(sub)
+
+    walk(closed.jaxpr)
+    return list(dict.fromkeys(found))

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from jaxprop import _jax
+from jaxprop.explain import short_source
 from jaxprop.nan import _nonfinite, node_lines, pack_node
 from jaxprop.registry import Node
 from jaxprop.scopes import ScopedContext
@@ -125,7 +126,7 @@ class _SweepCheck:
     def raise_at(self, info: tuple, arrays: tuple) -> None:
         name, source, descs, in_names, out_names = info
         lines = [f"jaxprop.detect_anomaly: the gradient becomes NaN/inf at {name}, "
-                 f"{source or 'source unknown'} — its upstream cotangent is finite, the "
+                 f"{short_source(source) or 'source unknown'} — its upstream cotangent is finite, the "
                  "cotangent it sends to its inputs is not."]
         lines += node_lines(in_names, out_names, descs, arrays)
         self.mode.error = NonFiniteGradientError("\n".join(lines), name, source)

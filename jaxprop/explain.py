@@ -20,6 +20,7 @@ import inspect
 import os
 import shutil
 import subprocess
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,8 @@ ELEMENTWISE = frozenset("""
     abs select_n clamp convert_element_type reduce_precision copy copy_p erf erfc erf_inv
     lgamma digamma tag hook""".split())
 
+NO_GRADIENT = "—"  # shown for constants: no gradient flows there (a zero one is "0")
+
 SYMBOLS = {"add": "+", "add_any": "+", "sub": "−", "mul": "×", "div": "÷", "neg": "−x"}
 
 
@@ -53,7 +56,9 @@ def record_and_sweep(f: Callable, args: Sequence[Any], argnums: int | Sequence[i
     Differentiates the floating leaves of ``args[argnums]`` (all arguments if None), seeded
     with ``cotangent`` (ones shaped like the output if None). Returns a dict with ``nodes``,
     ``names`` (slot -> readable name), ``out`` (output values), ``out_slots``, ``in_slots``,
-    ``in_values``, ``seeds`` and ``grads`` (cotangents of the input slots).
+    ``in_values``, ``seeds``, ``grads`` (cotangents of the input slots) and ``arg_grads``
+    (the gradients shaped like ``args[argnums]``: one pytree for an int ``argnums``, else a
+    tuple over the differentiated arguments; None at leaves that are not differentiable).
     """
     nums = range(len(args)) if argnums is None else (
         (argnums,) if isinstance(argnums, int) else tuple(argnums))
@@ -87,6 +92,16 @@ def record_and_sweep(f: Callable, args: Sequence[Any], argnums: int | Sequence[i
         seeds = jax.tree_util.tree_leaves(cotangent)
     in_slots = [t.slot for t in tracers]
     grads = backward(trace.nodes, out_slots, seeds, in_slots, observer=observer)
+    leaf_grads, it = [], iter(zip(grads, values))
+    for d in diff:
+        g, v = next(it) if d else (None, None)
+        leaf_grads.append(None if not d else g if g is not None else jnp.zeros_like(v))
+    arg_grads, start = [], 0
+    for td in treedefs:
+        arg_grads.append(tree_unflatten(td, leaf_grads[start:start + td.num_leaves]))
+        start += td.num_leaves
+    arg_grads = (arg_grads[argnums] if isinstance(argnums, int)
+                 else tuple(arg_grads[i] for i in nums))
     names = {}
     it = iter(in_slots)
     for name, d in zip(names_of_leaves, diff):
@@ -95,7 +110,7 @@ def record_and_sweep(f: Callable, args: Sequence[Any], argnums: int | Sequence[i
     _name_intermediates(trace.nodes, names, out_slots)
     return dict(nodes=trace.nodes, names=names, out=jax.tree_util.tree_unflatten(
         out_tree, list(out_values)), out_slots=tuple(out_slots), in_slots=in_slots,
-        in_values=values, seeds=seeds, grads=grads)
+        in_values=values, seeds=seeds, grads=grads, arg_grads=arg_grads)
 
 
 def _differentiable_leaf(x: Any) -> bool:
@@ -143,16 +158,20 @@ class Explanation:
     ``rows``: one dict per node, in tape (forward) order, with static keys ``index``,
     ``primitive``, ``params``, ``source`` ('file:line (fn)'), ``line``, ``scope``,
     ``in_names`` / ``out_names`` (None for constants) and array keys ``inputs``, ``outputs``,
-    ``upstream`` (∂L/∂out), ``downstream`` (∂L/∂in), ``local`` (∂out/∂in, elementwise only).
-    ``grads`` maps input names to their gradients.
+    ``upstream`` (∂L/∂out), ``downstream`` (∂L/∂in), ``local`` (∂out/∂in, elementwise only;
+    None for constant inputs). ``grads``: the gradients shaped like the differentiated
+    arguments, as ``jax.grad`` returns them (one pytree for an int ``argnums``, else a tuple;
+    None at leaves that are not differentiable), ready for optax or ``jax.tree.map``.
+    ``named_grads`` maps input names (``"p['w']"``) to the same arrays.
     """
 
     _ARRAYS = ("inputs", "outputs", "upstream", "downstream", "local")
 
-    def __init__(self, rows: list[dict], grads: dict, seeds: dict, collapse: Any = None,
-                 max_full: int = 6) -> None:
+    def __init__(self, rows: list[dict], grads: Any, named_grads: dict, seeds: dict,
+                 collapse: Any = None, max_full: int = 6) -> None:
         self.rows = rows
         self.grads = grads
+        self.named_grads = named_grads
         self.seeds = seeds
         self.collapse = collapse
         self.max_full = max_full
@@ -160,15 +179,15 @@ class Explanation:
     def tree_flatten(self) -> tuple[list, Any]:
         arrays = [tuple(r[k] for k in self._ARRAYS) for r in self.rows]
         static = [{k: v for k, v in r.items() if k not in self._ARRAYS} for r in self.rows]
-        return [arrays, self.grads, self.seeds], _Static((static, self.collapse,
-                                                           self.max_full))
+        return [arrays, self.grads, self.named_grads, self.seeds], _Static((
+            static, self.collapse, self.max_full))
 
     @classmethod
     def tree_unflatten(cls, aux: _Static, children: list) -> Explanation:
         static, collapse, max_full = aux.value
-        arrays, grads, seeds = children
+        arrays, grads, named_grads, seeds = children
         rows = [dict(s, **dict(zip(cls._ARRAYS, a))) for s, a in zip(static, arrays)]
-        return cls(rows, grads, seeds, collapse, max_full)
+        return cls(rows, grads, named_grads, seeds, collapse, max_full)
 
     # -- text ------------------------------------------------------------------------------
     def __str__(self) -> str:
@@ -177,12 +196,19 @@ class Explanation:
     def __repr__(self) -> str:
         return f"<Explanation of {len(self.rows)} nodes; print() it for the table>"
 
-    def table(self, collapse: Any = "default") -> str:
-        """The nodes (or collapsed groups) as a text table."""
+    def table(self, collapse: Any = "default", width: int | None = None) -> str:
+        """The nodes (or collapsed groups) as a text table at most ``width`` characters wide
+        (default: the terminal's width, 120 when there is no terminal; 0: no limit).
+
+        Too wide a table shrinks its widest columns first: op lists wrap, value names keep
+        their end ("…['Dense_0']['kernel']"), other cells are cut with "…".
+        """
         collapse = self.collapse if collapse == "default" else collapse
         fmt = lambda x: format_value(x, self.max_full)  # noqa: E731
-        if collapse is not None:
-            return self._group_table(collapse, fmt)
+        width = terminal_width() if width is None else width
+        if collapse is not None:  # an overview: summaries without min/max, as in graphs
+            return self._group_table(collapse, lambda x: format_value(
+                x, self.max_full, compact=True), width)
         header = ["#", "op", "output", "inputs", "local ∂out/∂in", "upstream ∂L/∂out",
                   "downstream ∂L/∂in", "source"]
         body = []
@@ -192,24 +218,29 @@ class Explanation:
                 "\n".join(f"{n} = {fmt(v)}" for n, v in zip(r["out_names"], r["outputs"])),
                 "\n".join(f"{n or 'const'} = {fmt(v)}" for n, v in zip(r["in_names"],
                                                                          r["inputs"])),
-                "\n".join(fmt(v) for v in r["local"]) if r["local"] is not None else "",
+                "\n".join(fmt(v) if s is not None else NO_GRADIENT
+                          for v, s in zip(r["local"], r["in_slots"]))
+                if r["local"] is not None else "",
                 "\n".join(fmt(v) for v in r["upstream"]),
-                "\n".join(fmt(v) for v in r["downstream"]),
-                _short(r["source"])])
-        grads = "\n".join(f"∂L/∂{n} = {fmt(g)}" for n, g in self.grads.items())
-        return _render_table(header, body) + ("\n" + grads if grads else "")
+                "\n".join(fmt(v) if s is not None else NO_GRADIENT
+                          for v, s in zip(r["downstream"], r["in_slots"])),
+                short_source(r["source"])])
+        grads = "\n".join(_fit(f"∂L/∂{n} = {fmt(g)}", width or 10**9, "end")
+                          for n, g in self.named_grads.items())
+        table = _render_table(header, body, width, wrap=(1,))
+        return table + ("\n" + grads if grads else "")
 
-    def _group_table(self, collapse: Any, fmt: Callable) -> str:
-        header = ["group", "ops", "values in", "values out", "∂L/∂out (upstream)",
-                  "∂L/∂in (downstream)"]
+    def _group_table(self, collapse: Any, fmt: Callable, width: int) -> str:
+        """One row per group; its inputs ("in") and outputs ("out") one per line, each with
+        its forward value and its gradient (summed over the group's uses)."""
+        header = ["group", "ops", "", "value", "forward", "gradient ∂L/∂value"]
         body = []
         for key, g in self.groups(collapse).items():
-            body.append([key, g["ops"],
-                         "\n".join(f"{n} = {fmt(v)}" for n, v in g["in"].items()),
-                         "\n".join(f"{n} = {fmt(v)}" for n, v in g["out"].items()),
-                         "\n".join(f"{n}: {fmt(v)}" for n, v in g["upstream"].items()),
-                         "\n".join(f"{n}: {fmt(v)}" for n, v in g["downstream"].items())])
-        return _render_table(header, body)
+            crossing = ([("in", n, v, g["downstream"][n]) for n, v in g["in"].items()]
+                        + [("out", n, v, g["upstream"][n]) for n, v in g["out"].items()])
+            body.append([key, g["ops"]] + ["\n".join(str(c[k]) if k < 2 else fmt(c[k])
+                                                     for c in crossing) for k in range(4)])
+        return _render_table(header, body, width, wrap=(1,), keep_end=(3,))
 
     # -- grouping ----------------------------------------------------------------------------
     def key_of(self, collapse: Any) -> Callable[[dict], str]:
@@ -218,7 +249,7 @@ class Explanation:
         if callable(collapse):
             return collapse
         if collapse == "line":
-            return lambda r: _short(r["source"]) or "?"
+            return lambda r: short_source(r["source"]) or "?"
         if collapse in ("scope", "module"):
             return lambda r: r["scope"] or "(top level)"
         if isinstance(collapse, tuple) and collapse[0] in ("scope", "module"):
@@ -253,23 +284,42 @@ class Explanation:
         return groups
 
     # -- graphs ------------------------------------------------------------------------------
-    def to_dot(self, collapse: Any = "default") -> str:
+    def to_dot(self, collapse: Any = "default", rankdir: str | None = None,
+               legend: bool = True) -> str:
         """Graphviz DOT source: values (green, above) and gradients (red, below) on edges.
 
         Each edge carries the value flowing along it and the gradient flowing back along it
-        (for collapsed groups: summed over the group's uses of the value).
+        (for collapsed groups: summed over the group's uses of the value). Nodes recorded under
+        a ``jax.named_scope`` / Flax module are drawn inside a box labelled with its path.
+        ``rankdir``: "LR" (left to right, the seeds' circuit diagrams) or "TB" (top to bottom);
+        by default LR for at most 12 nodes, TB for larger graphs so that they stay readable.
+        ``legend`` adds a box saying what the colours and shapes mean.
         """
         collapse = self.collapse if collapse == "default" else collapse
         fmt = lambda x: format_value(x, self.max_full, compact=True)  # noqa: E731
-        lines = ["digraph gradient {", "  rankdir=LR;",
+        count = len(self._input_slots()) + (len(self.rows) if collapse is None
+                                            else len(self.groups(collapse)))
+        rankdir = rankdir or ("LR" if count <= 12 else "TB")
+        lines = ["digraph gradient {", f"  rankdir={rankdir}; newrank=true;",
                  '  node [fontname="Helvetica", fontsize=11];',
                  '  edge [fontname="Helvetica", fontsize=10];']
+        if legend:
+            lines += _LEGEND
         if collapse is None:
             box = lambda r: f"n{r['index']}"  # noqa: E731
+            scopes: dict[str, list[str]] = {}
             for r in self.rows:
-                tip = html.escape(_short(r["source"]), quote=True)
+                tip = html.escape(short_source(r["source"]), quote=True)
                 label = _dq(SYMBOLS.get(r["primitive"], r["primitive"]))
-                lines.append(f'  {box(r)} [label="{label}", shape=circle, tooltip="{tip}"];')
+                scopes.setdefault(r["scope"] or "", []).append(
+                    f'{box(r)} [label="{label}", shape=circle, tooltip="{tip}"];')
+            for k, (scope, nodes) in enumerate(scopes.items()):
+                if scope:
+                    lines.append(f'  subgraph cluster_{k} {{ label="{_dq(scope)}"; '
+                                 'style="rounded,dashed"; color=gray50; fontname="Helvetica";')
+                lines += [("    " if scope else "  ") + n for n in nodes]
+                if scope:
+                    lines.append("  }")
         else:
             key, ids = self.key_of(collapse), {}
             for r in self.rows:
@@ -298,22 +348,29 @@ class Explanation:
             lines.append(f'  {out} [label="{_dq(names.get(s, "out"))}", shape=doublecircle];')
             if s in producer:
                 edges[(producer[s], out, s)] = [self._value_of(s), ct]
+        placed = set()
         for (a, b, _), (v, g) in edges.items():
             grad = f"<br/>{_font('#c0392b', fmt(g))}" if g is not None else ""
             lines.append(f"  {a} -> {b} [label=<{_font('#1a7f37', fmt(v))}{grad}>];")
+            if rankdir == "TB" and a.startswith('"in:') and a not in placed:
+                placed.add(a)  # an input beside its first use, not all in one top row
+                lines.append(f"  {{ rank=same; {a}; {b}; }}")
         lines.append("}")
         return "\n".join(lines)
 
-    def render(self, path: str | os.PathLike, collapse: Any = "default") -> str:
+    def render(self, path: str | os.PathLike, collapse: Any = "default",
+               **dot_options: Any) -> str:
         """Draw the graph with Graphviz's ``dot`` into ``path`` (format from its suffix:
-        .svg, .png, .pdf). Raises RuntimeError if ``dot`` is not installed."""
+        .svg, .png, .pdf); ``dot_options`` go to :meth:`to_dot` (``rankdir``, ``legend``).
+        Raises RuntimeError if ``dot`` is not installed."""
         dot = shutil.which("dot")
         if dot is None:
             raise RuntimeError("Graphviz's `dot` program is not installed (apt install graphviz"
                                " / brew install graphviz); use .to_dot() for the DOT source.")
         path = os.fspath(path)
         fmt = os.path.splitext(path)[1].lstrip(".") or "svg"
-        subprocess.run([dot, f"-T{fmt}", "-o", path], input=self.to_dot(collapse).encode(),
+        subprocess.run([dot, f"-T{fmt}", "-o", path],
+                       input=self.to_dot(collapse, **dot_options).encode(),
                        check=True, capture_output=True)
         return path
 
@@ -336,7 +393,7 @@ class Explanation:
     def _input_slots(self) -> dict[int, str]:
         produced = {s for r in self.rows for s in r["out_slots"]}
         names = self._slot_names()
-        return {s: n for s, n in names.items() if s not in produced and n in self.grads}
+        return {s: n for s, n in names.items() if s not in produced and n in self.named_grads}
 
     def _value_of(self, slot: int) -> Any:
         for r in self.rows:
@@ -367,7 +424,8 @@ def explain(f: Callable, *args: Any, argnums: int | Sequence[int] | None = None,
 
     >>> e = jaxprop.explain(lambda x, y, z: (x + y) * z, -2.0, 5.0, -4.0)
     >>> print(e)             # add: out 3, upstream -4, downstream -4, -4; mul: …
-    >>> e.grads              # {'x': -4.0, 'y': -4.0, 'z': 3.0}
+    >>> e.grads              # (-4.0, -4.0, 3.0): shaped like the arguments, as jax.grad
+    >>> e.named_grads        # {'x': -4.0, 'y': -4.0, 'z': 3.0}
     >>> e.render("graph.svg")
     """
     cts_by_node: dict[int, tuple] = {}
@@ -392,10 +450,12 @@ def explain(f: Callable, *args: Any, argnums: int | Sequence[int] | None = None,
             inputs=tuple(map(_as_array, node.inputs)), outputs=tuple(node.outputs),
             upstream=cts_out, downstream=_wanted(cts_in, node.in_slots),
             local=_local_gradient(node)))
-    grads = {names[s]: (g if g is not None else jnp.zeros_like(v))
+        if rows[-1]["local"] is not None:  # a constant has no gradient: None, shown as —
+            rows[-1]["local"] = _wanted(rows[-1]["local"], node.in_slots)
+    named = {names[s]: (g if g is not None else jnp.zeros_like(v))
              for s, g, v in zip(rec["in_slots"], rec["grads"], rec["in_values"])}
     seeds = {s: c for s, c in zip(rec["out_slots"], rec["seeds"]) if s is not None}
-    return Explanation(rows, grads, seeds, collapse, max_full)
+    return Explanation(rows, rec["arg_grads"], named, seeds, collapse, max_full)
 
 
 def _wanted(cts_in: Sequence, in_slots: Sequence) -> tuple:
@@ -433,7 +493,9 @@ def _params_summary(params: dict) -> str:
 
 # -- formatting -------------------------------------------------------------------------------
 def format_value(x: Any, max_full: int = 6, compact: bool = False) -> str:
-    """An array in full if small, else a summary; shape only for tracers; '0' for None."""
+    """An array in full if small, else a summary; shape only for tracers; '0' for None.
+
+    ``compact`` (graph labels) leaves out a small array's shape tag and a summary's min/max."""
     if x is None:
         return "0"
     aval = _jax.aval_of(x)
@@ -455,7 +517,7 @@ def format_value(x: Any, max_full: int = 6, compact: bool = False) -> str:
     finite = a[np.isfinite(a)]
     nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
     parts = [tag, f"‖·‖={_num(np.linalg.norm(finite.ravel()))}"]
-    if finite.size and not np.iscomplexobj(a):
+    if finite.size and not np.iscomplexobj(a) and not compact:
         parts.append(f"[{_num(finite.min())}, {_num(finite.max())}]")
     if nan:
         parts.append(f"nan={nan}")
@@ -491,8 +553,15 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
-def _short(source: str) -> str:
-    """'path/to/file.py:12 (fn)' -> 'file.py:12 (fn)'."""
+def _fit(text: str, width: int, keep: str) -> str:
+    """``text`` cut to ``width`` characters with '…', keeping its "start" or its "end"."""
+    if len(text) <= width:
+        return text
+    return text[:width - 1] + "…" if keep == "start" else "…" + text[len(text) - width + 1:]
+
+
+def short_source(source: str) -> str:
+    """'path/to/file.py:12 (fn)' -> 'file.py:12 (fn)': how jaxprop prints a source line."""
     head, _, rest = source.partition(":")
     return os.path.basename(head) + (":" + rest if rest else "")
 
@@ -501,15 +570,52 @@ def _font(color: str, text: str) -> str:
     return f'<font color="{color}">{html.escape(text)}</font>'
 
 
+_LEGEND = [
+    '  subgraph cluster_legend { label="legend"; fontname="Helvetica"; style=rounded; '
+    'color=gray60;',
+    '    legend [shape=plaintext, fontsize=10, label=<'
+    '<font color="#1a7f37">value (forward)</font><br/>'
+    '<font color="#c0392b">gradient ∂L/∂value (backward)</font><br/>'
+    'circle: a primitive; box: an input or a group<br/>'
+    'double circle: the output; dashed box: a scope>];',
+    '  }']
+
+
 def _dq(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def _render_table(header: list[str], body: list[list[str]]) -> str:
-    """A plain-text table; cells may hold several lines."""
-    rows = [header] + body
-    split = [[c.split("\n") for c in row] for row in rows]
-    widths = [max(len(line) for row in split for line in row[i]) for i in range(len(header))]
+def terminal_width() -> int:
+    """Columns of the terminal (``$COLUMNS`` first); 120 when output is not a terminal."""
+    return shutil.get_terminal_size((120, 24)).columns
+
+
+def _render_table(header: list[str], body: list[list[str]], width: int = 0,
+                  wrap: Sequence[int] = (), keep_end: Sequence[int] = ()) -> str:
+    """A plain-text table at most ``width`` wide (0: no limit); cells may hold several lines.
+
+    While too wide, ``wrap`` columns narrow first (down to 24), then the widest column loses a
+    character at a time (down to 8). Cells of ``wrap`` columns wrap at spaces, lines of
+    ``keep_end`` columns keep their end ('…' + tail), other lines their start (head + '…')."""
+    natural = [max(len(line) for row in [header] + body for line in row[i].split("\n"))
+               for i in range(len(header))]
+    widths = list(natural)
+    too_wide = lambda: width and sum(widths) + 2 * (len(widths) - 1) > width  # noqa: E731
+    for i in wrap:
+        while too_wide() and widths[i] > 24:
+            widths[i] -= 1
+    while too_wide() and max(widths) > 8:
+        widths[widths.index(max(widths))] -= 1
+    split = []
+    for row in [header] + body:
+        cells = []
+        for i, cell in enumerate(row):
+            lines = cell.split("\n")
+            if i in wrap and widths[i] < natural[i]:
+                lines = [w for line in lines for w in (textwrap.wrap(line, widths[i]) or [""])]
+            cells.append([_fit(line, widths[i], "end" if i in keep_end else "start")
+                          for line in lines])
+        split.append(cells)
     out = []
     for k, row in enumerate(split):
         height = max(len(c) for c in row)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprop import _jax
-from jaxprop.explain import format_value, record_and_sweep
+from jaxprop.explain import format_value, record_and_sweep, short_source
 from jaxprop.registry import Node
 
 __all__ = ["NanReport", "find_nan_origin"]
@@ -60,7 +60,8 @@ class NanReport:
     """Per-node flags and value summaries of one sweep; ``str()`` names the origin.
 
     ``found``: whether some gradient went non-finite. ``primitive``, ``source``
-    ('file:line (fn)'), ``file``, ``line``: the origin node (None if not found).
+    ('path/file.py:line (fn)'), ``file`` (the full path), ``line``: the origin node (None if
+    not found). Printed, sources show the file name only, as in ``explain``'s tables.
     ``forward_origin``: the same for the first node whose forward output is non-finite.
     """
 
@@ -125,7 +126,7 @@ class NanReport:
         else:
             s = self.static[i]
             lines.append(f"The gradient first becomes NaN/inf at {s['primitive']} "
-                         f"(node {s['index']}), {s['source'] or 'source unknown'}")
+                         f"(node {s['index']}), {_where(s)}")
             if np.asarray(self.bad_out)[i]:
                 lines.append("  (its upstream gradient was already non-finite: the output "
                              "cotangent you passed in is)")
@@ -134,7 +135,7 @@ class NanReport:
                          "nodes send non-finite gradients below.")
         if fwd is not None:
             lines.append(f"The forward pass first produces NaN/inf at {fwd['primitive']} "
-                         f"(node {fwd['index']}), {fwd['source'] or 'source unknown'}.")
+                         f"(node {fwd['index']}), {_where(fwd)}.")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -166,6 +167,9 @@ def node_lines(in_names: Sequence[Any], out_names: Sequence[Any], descs: tuple,
             + [f"  output {n} = {_show(d, v)}" for n, d, v in zip(out_names, d_outs, outs)]
             + [f"  upstream ∂L/∂out = {', '.join(map(_show, d_up, up))}",
                f"  downstream ∂L/∂in = {', '.join(map(_show, d_down, down))}"])
+def _where(node: dict) -> str:
+    """'file.py:12 (fn)', as explain prints it."""
+    return short_source(node["source"]) or "source unknown"
 
 
 def _show(desc: Any, v: Any) -> str:

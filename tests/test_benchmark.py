@@ -37,10 +37,15 @@ def check_outputs(out: Path, workloads: list[str]) -> dict:
     return report
 
 
-def test_quick_small_mlp(tmp_path):
+def test_quick_small_mlp(tmp_path, capsys):
     bench = load_benchmark()
     bench.main(["--quick", "--only", "mlp_small", "--no-extras", "--out", str(tmp_path)])
     check_outputs(tmp_path, ["mlp_small"])
+    said = "eager figures include warm-up"
+    assert said in capsys.readouterr().out and said in (tmp_path / "benchmark.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    assert "include warm-up" in " ".join(capsys.readouterr().out.split())
 
 
 def test_missing_rule_is_reported_not_raised():
