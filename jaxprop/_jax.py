@@ -24,6 +24,7 @@ from jax._src.sharding_impls import UnspecifiedValue as _UnspecifiedValue
 from jax.dtypes import float0
 
 Trace = _jcore.Trace
+AbstractValue = _core.AbstractValue
 Tracer = _jcore.Tracer
 ClosedJaxpr = _xcore.ClosedJaxpr
 Jaxpr = _xcore.Jaxpr
@@ -39,7 +40,7 @@ _xla_traceback = _xla_client.Traceback.get_traceback
 _source_info.register_exclusion(os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 __all__ = [
-    "ClosedJaxpr", "Jaxpr", "Primitive", "Source", "SourceInfo", "Symbolic", "SymbolicZero",
+    "AbstractValue", "ClosedJaxpr", "Jaxpr", "Primitive", "Source", "SourceInfo", "Symbolic", "SymbolicZero",
     "Trace", "TraceTag", "Tracer", "Zero", "abstract_eval", "aval_of", "bind_on",
     "current_source", "escaped_tracer_check",
     "eval_jaxpr", "float0", "get_current_trace", "identity_primitive", "set_current_trace",

@@ -58,8 +58,8 @@ def _trace(fun: Callable, primals: Sequence[Any], has_aux: bool
 
 
 def leaves_like(leaves: Sequence[Any]) -> list[Any]:
-    """Shape/dtype stand-ins for the primal leaves (kept for zero cotangents)."""
-    return [jax.ShapeDtypeStruct(np.shape(x), _jax.aval_of(x).dtype) for x in leaves]
+    """Types of the primal leaves (shape, dtype, sharding), kept for zero cotangents."""
+    return [_jax.aval_of(x) for x in leaves]
 
 
 def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: Any) -> tuple:
@@ -75,12 +75,12 @@ def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: A
     return tuple(tree_unflatten(in_tree, sweep(tape, ct_leaves, in_specs)))
 
 
-@functools.lru_cache(maxsize=None)
 def _unit(dtype: Any) -> Any:
-    """The scalar 1 of ``dtype``: the seed cotangent of a scalar loss (one concrete array,
-    made once, even when first asked for under a transform)."""
-    with jax.ensure_compile_time_eval():
-        return jnp.ones((), dtype)
+    """The scalar 1 of ``dtype``: the seed cotangent of a scalar loss. A NumPy constant, so
+    it costs no dispatch and belongs to no device or mesh: the same gradient then runs on
+    one device and on any mesh (a cached ``jax.Array`` would stay on the mesh that was
+    current when it was made)."""
+    return np.ones((), dtype)
 
 
 # -- public API ---------------------------------------------------------------------------
