@@ -8,7 +8,9 @@ and source-location helpers.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -279,3 +281,100 @@ from jax._src import custom_derivatives as _custom_derivatives  # noqa: E402
 _jax_maybe_perturbed = _custom_derivatives._maybe_perturbed
 _custom_derivatives._maybe_perturbed = (
     lambda x: getattr(type(x), "perturbed", False) is True or _jax_maybe_perturbed(x))
+
+
+# -- shard_map and collectives ------------------------------------------------------------
+# ``jax.shard_map`` reaches a trace through ``trace.process_shard_map(prim, fun, args,
+# **params)`` (not ``process_primitive``); ``fun`` returns a FlatTree tagged with the output
+# PartitionSpecs. The helpers below are the only places that know that protocol.
+from jax._src import config as _config  # noqa: E402
+from jax._src import shard_map as _shard_map  # noqa: E402
+from jax._src.lax import parallel as _parallel  # noqa: E402
+from jax._src.tree_util import FlatTree as _FlatTree  # noqa: E402
+from jax.sharding import PartitionSpec as _P  # noqa: E402
+
+SHARD_MAP = _shard_map.shard_map_p
+PSUM = _parallel.psum_p
+PSUM_INVARIANT = _parallel.psum_invariant_p
+ALL_TO_ALL = _parallel.all_to_all_p
+
+
+def shard_map_call_jaxpr(fun: Any, args: Sequence[Any], params: dict) -> tuple[Any, Any]:
+    """One ``shard_map`` call as ``process_shard_map`` receives it, traced: (its ClosedJaxpr —
+    a ``shard_map`` equation whose leading inputs are the values the body closes over, the
+    ClosedJaxpr's consts, possibly tracers of outer traces, then ``args`` — and a function
+    that packs flat output values the way ``shard_map_p.bind`` returns them)."""
+    bound: list = []
+
+    def call(*xs: Any) -> list:
+        bound.append(SHARD_MAP.bind(*xs, subfuns=(fun,), **params))
+        return list(bound[-1].vals)
+
+    closed = jax.make_jaxpr(call)(*args)
+    return closed, bound[-1].update
+
+
+def bind_shard_map(trace: Any, args: Sequence[Any], body: Any, *, mesh: Any, in_specs: Any,
+                   check_vma: bool, newly_manual_axes: Any) -> list[Any]:
+    """``shard_map`` of ``body`` on ``trace``: ``body(*per_device_args)`` returns (its flat
+    outputs, their PartitionSpecs); the result is the flat list of global outputs."""
+    def fun(*xs: Any) -> Any:
+        outs, specs = body(*xs)
+        return _FlatTree.flatten(list(outs)).with_aux(tuple(specs))
+
+    debug = _api_util.debug_info("shard_map", body, tuple(args), {}).with_unknown_names()
+    params = dict(subfuns=(fun,), mesh=mesh, in_specs=tuple(in_specs), check_vma=check_vma,
+                  newly_manual_axes=newly_manual_axes, debug_info=debug)
+    out = SHARD_MAP.bind_with_trace(trace, tuple(args), [_core.typeof(x) for x in args],
+                                    params)
+    return list(out.vals)
+
+
+def varying_axes(x: Any) -> frozenset:
+    """The mesh axes ``x`` varies over inside ``shard_map(check_vma=True)`` (its ``vma``)."""
+    mat = getattr(aval_of(x), "mat", None)
+    return mat.varying if mat is not None else frozenset()
+
+
+def checking_vma() -> bool:
+    """Whether the code being traced is a ``shard_map(check_vma=True)`` body."""
+    return bool(_config._check_vma.value)
+
+
+def pvary(x: Any, axes: Sequence[Any]) -> Any:
+    """Cast ``x`` to varying over those of ``axes`` it is not yet varying over (JAX's
+    ``pvary``: a no-op on values; nothing outside a check_vma body)."""
+    missing = tuple(a for a in axes if a not in varying_axes(x))
+    return _core.pvary(x, missing) if missing and checking_vma() else x
+
+
+def spec_axes(spec: Any) -> frozenset:
+    """The mesh axes a PartitionSpec shards over."""
+    return _shard_map._spec_to_vma(spec)
+
+
+def residual_spec(x: Any, mesh: Any, check_vma: bool, manual_axes: Any) -> Any:
+    """The PartitionSpec that carries a per-device value ``x`` (with a new leading axis of
+    size 1) out of a shard_map and back into another: sharded on that axis over the manual
+    axes it varies over (all of them when ``check_vma=False``: nothing is known)."""
+    names = tuple(n for n in mesh.axis_names if n in manual_axes
+                  and (not check_vma or n in varying_axes(x)))
+    return _P(names) if names else _P()
+
+
+@contextlib.contextmanager
+def outside_traces() -> Any:
+    """Evaluate concretely on no mesh, even inside an eager ``shard_map`` body (where
+    ``jax.ensure_compile_time_eval`` still yields per-device tracers): for constants that are
+    made once and cached."""
+    with set_current_trace(_core.EvalTrace()), jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((), ())):
+        yield
+
+
+def ct_spec(spec: Any) -> Any:
+    """The PartitionSpec of a cotangent of a value with PartitionSpec ``spec``."""
+    return spec.to_ct_spec()
+
+
+from jax._src import api_util as _api_util  # noqa: E402

@@ -156,6 +156,11 @@ class JaxpropTrace(_jax.Trace):
         return custom_vjp_call(self, primitive, fun, fwd, bwd, tracers, out_trees,
                                symbolic_zeros)
 
+    def process_shard_map(self, primitive: Any, fun: Any, args: Sequence[Any],
+                          **params: Any) -> Any:
+        from jaxprop.rules.shard_map import shard_map_call
+        return shard_map_call(self, primitive, fun, args, params)
+
 
 class LinearTrace(JaxpropTrace):
     """Records a *linear* map without evaluating it: its inputs are :class:`_jax.Symbolic`.

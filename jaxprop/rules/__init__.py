@@ -1,3 +1,3 @@
 """VJP rules, grouped by family. Importing this package registers them all."""
 
-from jaxprop.rules import complex, control, conv, custom, decompositions, elementwise, fft, indexing, linalg, reductions, sorting, special, structural, windows  # noqa: F401,E501
+from jaxprop.rules import collectives, complex, control, conv, custom, decompositions, elementwise, fft, indexing, linalg, reductions, shard_map, sorting, special, structural, windows  # noqa: F401,E501

@@ -104,13 +104,16 @@ class _Layout:
 def _ct_for(ct: Cotangent, like: Any, step: bool = False) -> Any:
     """A concrete, non-weak cotangent with ``like``'s dtype (zeros for a symbolic zero): loop
     carries and switch branches need one fixed type. ``step``: ``like`` is a stacked xs and
-    the cotangent is for one step's slice."""
+    the cotangent is for one step's slice. Inside a ``shard_map`` body it also varies over
+    the mesh axes ``like`` varies over (a carry's type includes them)."""
     aval = _jax.aval_of(like)
     if step:
         aval = aval.update(shape=aval.shape[1:])
     if ct is None:
-        return jnp.zeros(aval.shape, aval.dtype)
-    return lax.convert_element_type(convert_like(ct, aval.dtype), aval.dtype)
+        ct = jnp.zeros(aval.shape, aval.dtype)
+    else:
+        ct = lax.convert_element_type(convert_like(ct, aval.dtype), aval.dtype)
+    return _jax.pvary(ct, tuple(_jax.varying_axes(like)))
 
 
 def _depends(jaxpr: Any, flags: Sequence[bool]) -> list[bool]:
