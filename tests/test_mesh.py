@@ -1,0 +1,23 @@
+"""Meshes on 8 simulated CPU devices (tests/multidevice/mesh_checks.py), run in one subprocess
+because XLA_FLAGS must be set before JAX starts."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_checks(path: str, timeout: int = 600) -> None:
+    """``pytest path`` in a fresh process with 8 CPU devices; fail with its output."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
+         path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def test_meshes_on_8_devices():
+    run_checks("tests/multidevice/mesh_checks.py")
