@@ -76,11 +76,11 @@ def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: A
 
 
 def _unit(dtype: Any) -> Any:
-    """The scalar 1 of ``dtype``: the seed cotangent of a scalar loss. A NumPy constant, so
-    it costs no dispatch and belongs to no device or mesh: the same gradient then runs on
-    one device and on any mesh (a cached ``jax.Array`` would stay on the mesh that was
-    current when it was made)."""
-    return np.ones((), dtype)
+    """The scalar 1 of ``dtype``: the seed cotangent of a scalar loss, made anew for each
+    gradient: a cached array would stay on the mesh current when it was made, and every
+    later gradient on another mesh (or on one device) would fail."""
+    with _jax.outside_traces():  # not a per-device value of an eager shard_map body
+        return jnp.ones((), dtype)
 
 
 # -- public API ---------------------------------------------------------------------------

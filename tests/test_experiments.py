@@ -192,3 +192,21 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_same_tests():
     ci = (EXPERIMENTS.parent / ".ci" / "run").read_text()
     assert f"TEST_COMMAND='{test_command}'" in ci
     assert 'python" -m pytest -q -n 2 -m "not slow" ||' in ci and "HYPOTHESIS_PROFILE=ci" in ci
+
+
+def test_train_parallel_quick_equals_single_device(tmp_path):
+    """experiments/train_parallel.py --quick on 8 simulated devices: the jit + NamedSharding,
+    FSDP and shard_map (pmean'd loss) curves are the single-device curve."""
+    proc = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "train_parallel.py"), "--devices", "8", "--quick",
+         "--no-plot", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "parallel.json").read_text())
+    assert results["config"]["devices"] == 8
+    for name in ("jit", "fsdp", "shard_map"):
+        assert results[name]["max_abs_diff_vs_single"] < 1e-5, (name, results[name])
+    losses = results["single"]["losses"]
+    assert losses[-1] < 0.5 * losses[0]
+    assert "PartitionSpec('data',)" in str(results["fsdp_param_specs"]) or \
+        "P('data',)" in results["fsdp_param_specs"], results["fsdp_param_specs"]
