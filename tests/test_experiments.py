@@ -2,6 +2,7 @@
 --resume repeats an uninterrupted run exactly, bad checkpoints give clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -200,7 +201,8 @@ def test_train_parallel_quick_equals_single_device(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(EXPERIMENTS / "train_parallel.py"), "--devices", "8", "--quick",
          "--no-plot", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(EXPERIMENTS.parent)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "parallel.json").read_text())
     assert results["config"]["devices"] == 8
@@ -208,5 +210,4 @@ def test_train_parallel_quick_equals_single_device(tmp_path):
         assert results[name]["max_abs_diff_vs_single"] < 1e-5, (name, results[name])
     losses = results["single"]["losses"]
     assert losses[-1] < 0.5 * losses[0]
-    assert "PartitionSpec('data',)" in str(results["fsdp_param_specs"]) or \
-        "P('data',)" in results["fsdp_param_specs"], results["fsdp_param_specs"]
+    assert "P('data',)" in results["fsdp_param_specs"], results["fsdp_param_specs"]
