@@ -21,3 +21,17 @@ def run_checks(path: str, timeout: int = 600) -> None:
 
 def test_meshes_on_8_devices():
     run_checks("tests/multidevice/mesh_checks.py")
+
+
+def test_readme_many_devices_blocks_run_on_one_device(capsys):
+    """The README's "Many devices" Python blocks run as written in a 1-device process and
+    print what the README shows."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Many devices"):]
+    section = section[:section.index("\n## ", 1)]
+    pairs = re.findall(r"```python\n(.*?)```\n```\n(.*?)```", section, re.S)
+    assert pairs
+    for code, shown in pairs:
+        exec(compile(code, "README.md", "exec"), {})
+        assert capsys.readouterr().out == shown
