@@ -6,21 +6,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_checks(path: str, timeout: int = 600) -> None:
-    """``pytest path`` in a fresh process with 8 CPU devices; fail with its output."""
+def run_checks(path: str, marks: str, timeout: int = 600) -> None:
+    """``pytest -m marks path`` in a fresh process with 8 CPU devices; fail with its output."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
-         path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+         "-m", marks, path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
 def test_meshes_on_8_devices():
-    run_checks("tests/multidevice/mesh_checks.py")
+    run_checks("tests/multidevice/mesh_checks.py", "not slow")
+
+
+@pytest.mark.slow
+def test_meshes_on_8_devices_eager():
+    run_checks("tests/multidevice/mesh_checks.py", "slow")
 
 
 def test_readme_many_devices_blocks_run_on_one_device(capsys):
