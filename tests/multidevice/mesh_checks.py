@@ -134,6 +134,41 @@ def test_new_arrays_say_their_sharding(jit):
             assert a.sharding == b.sharding, (a.sharding, b.sharding)
 
 
+def _scan_rnn(w, x):
+    w = jax.sharding.reshard(w, P())
+    h0 = jnp.zeros((x.shape[0], 8), out_sharding=P("data", None))
+    h, ys = jax.lax.scan(lambda h, xt: (jnp.tanh(h @ w + xt), jnp.sum(h ** 2)), h0,
+                         jnp.swapaxes(x, 0, 1))
+    return jnp.sum(h) + jnp.sum(ys)
+
+
+PROGRAMS = {  # w: (8, 8) P(None, 'model'); x: (16, 6, 8) P('data')
+    "scan_rnn": _scan_rnn,
+    "embedding": lambda w, x: jnp.sum(
+        w.at[jnp.argmax(x, -1)].get(out_sharding=P("data", None, "model")) ** 2),
+    "attention": lambda w, x: jnp.sum(jax.nn.softmax(jnp.einsum(
+        "bti,bsi->bts", x @ w, x @ w, out_sharding=P("data", None, None)), -1)),
+    "conv": lambda w, x: jnp.sum(jax.lax.conv_general_dilated(
+        x, jnp.stack([w, w, w]), (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"),
+        out_sharding=P("data", None, "model")) ** 2),
+    "max_pool": lambda w, x: jnp.sum(jax.lax.reduce_window(
+        x @ w, -jnp.inf, jax.lax.max, (1, 2, 1), (1, 2, 1), "VALID")),
+    "cond": lambda w, x: jax.lax.cond(jnp.sum(x) > 0, lambda: jnp.sum((x @ w) ** 2),
+                                      lambda: jnp.sum(x @ w)),
+    "layernorm_remat": lambda w, x: jnp.sum(jax.checkpoint(lambda w, x: jnp.sin(
+        ((x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)) @ w))(
+        w, x)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_programs_on_a_2d_explicit_mesh(name):
+    with jax.set_mesh(mesh((2, 4), ("data", "model"), AxisType.Explicit)):
+        w = jax.device_put(rand((8, 8), 0), P(None, "model"))
+        x = jax.device_put(rand((16, 6, 8), 1), P("data"))
+        same_as_jax(PROGRAMS[name], w, x, jit=True)
+
+
 def collectives(compiled_text):
     return {op: len(re.findall(op + r"(-start)?\(", compiled_text))
             for op in ("all-gather", "all-reduce", "reduce-scatter", "collective-permute",
