@@ -195,6 +195,7 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_same_tests():
     assert 'python" -m pytest -q -n 2 -m "not slow" ||' in ci and "HYPOTHESIS_PROFILE=ci" in ci
 
 
+@pytest.mark.slow  # ~15 s; tests/test_mesh.py checks the same patterns in the default run
 def test_train_parallel_quick_equals_single_device(tmp_path):
     """experiments/train_parallel.py --quick on 8 simulated devices: the jit + NamedSharding,
     FSDP and shard_map (pmean'd loss) curves are the single-device curve."""
