@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 
 # -- flags ---------------------------------------------------------------------------------
-WORKLOADS = ["mlp_small", "mlp_wide", "cnn", "transformer", "lstm", "deep_mlp", "per_example"]
+WORKLOADS = ["mlp_small", "mlp_wide", "cnn", "transformer", "lstm", "deep_mlp", "per_example",
+             "data_parallel"]
+DP_DEVICES = 8  # the data_parallel workload's mesh (simulated CPU devices where there are fewer)
 METRICS = ["step", "compile", "eager", "memory"]
 QUICK_NOTE = ("--quick: a smoke run. Its eager figures include warm-up — jaxprop compiles a "
               "tape's sweep on its third call, and JAX fills its op caches — and tiny sizes "
@@ -81,7 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoints", type=int, default=None,
                    help="carries the while-loop section keeps (default 16, 4 with --quick)")
     p.add_argument("--out", default="experiments/results", help="output folder")
+    p.add_argument("--devices", type=int, default=1,
+                   help="simulate this many CPU devices (set before JAX starts). The "
+                        f"data_parallel workload needs {DP_DEVICES}: with fewer it runs itself "
+                        f"in a subprocess with --devices {DP_DEVICES}")
     args = p.parse_args(argv)
+    if args.devices > 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}")
     args.rounds = args.rounds or (2 if args.quick else 30)
     args.target_ms = args.target_ms or (2.0 if args.quick else 40.0)
     args.only = args.only or WORKLOADS
@@ -284,9 +293,43 @@ def make_lstm(quick, key, steps=None):
                     params, data, loss)
 
 
+def make_data_parallel(quick, key):
+    """The small MLP's batch split over a mesh of DP_DEVICES devices (``P('data')``), the
+    parameters replicated (``P()``): the same step function, XLA adds the all-reduce."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    sizes, batch = ([8, 16, 16, 4], 16) if quick else ([64, 256, 256, 10], 128)
+    w = mlp_workload("data_parallel", f"data parallel, MLP {'-'.join(map(str, sizes))}, batch "
+                     f"{batch} over {DP_DEVICES} {jax.default_backend()} devices", sizes, batch,
+                     key)
+    mesh = jax.make_mesh((DP_DEVICES,), ("data",), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:DP_DEVICES])
+    w.params = jax.device_put(w.params, NamedSharding(mesh, P()))
+    w.batch = jax.device_put(w.batch, NamedSharding(mesh, P("data")))
+    return w
+
+
 MAKERS = dict(mlp_small=make_mlp_small, mlp_wide=make_mlp_wide, cnn=make_cnn,
               transformer=make_transformer, lstm=make_lstm, deep_mlp=make_deep_mlp,
-              per_example=make_per_example)
+              per_example=make_per_example, data_parallel=make_data_parallel)
+
+
+def data_parallel_in_subprocess(args) -> dict:
+    """The data_parallel row measured by this script in a fresh process with DP_DEVICES
+    simulated CPU devices (the device count is fixed when JAX starts)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, "--only", "data_parallel", "--no-extras",
+               "--devices", str(DP_DEVICES), "--out", tmp, "--rounds", str(args.rounds),
+               "--target-ms", str(args.target_ms)] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            err = dict(error="error: " + "".join(proc.stderr.strip().splitlines()[-1:])[:120])
+            return dict(title=f"data parallel over {DP_DEVICES} devices", **{m: err for m in METRICS})
+        return json.loads((Path(tmp) / "benchmark.json").read_text())["workloads"][
+            "data_parallel"]
 
 
 # -- the step both engines run -------------------------------------------------------------
@@ -851,8 +894,11 @@ def main(argv: list[str] | None = None) -> dict:
     key = jax.random.PRNGKey(0)
     for i, name in enumerate(args.only):
         t0 = time.perf_counter()
-        w = MAKERS[name](args.quick, jax.random.fold_in(key, i))
-        report["workloads"][name] = bench_workload(w, args)
+        if name == "data_parallel" and len(jax.devices()) < DP_DEVICES:
+            report["workloads"][name] = data_parallel_in_subprocess(args)
+        else:
+            w = MAKERS[name](args.quick, jax.random.fold_in(key, i))
+            report["workloads"][name] = bench_workload(w, args)
         print(f"[{time.perf_counter() - t0:6.1f}s] {name}: " + ", ".join(
             f"{m} {cell(report['workloads'][name].get(m), m)}" for m in METRICS), flush=True)
     if not args.no_extras:

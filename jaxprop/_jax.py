@@ -26,6 +26,7 @@ from jax._src.sharding_impls import UnspecifiedValue as _UnspecifiedValue
 from jax.dtypes import float0
 
 Trace = _jcore.Trace
+AbstractValue = _core.AbstractValue
 Tracer = _jcore.Tracer
 ClosedJaxpr = _xcore.ClosedJaxpr
 Jaxpr = _xcore.Jaxpr
@@ -41,7 +42,7 @@ _xla_traceback = _xla_client.Traceback.get_traceback
 _source_info.register_exclusion(os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 __all__ = [
-    "ClosedJaxpr", "Jaxpr", "Primitive", "Source", "SourceInfo", "Symbolic", "SymbolicZero",
+    "AbstractValue", "ClosedJaxpr", "Jaxpr", "Primitive", "Source", "SourceInfo", "Symbolic", "SymbolicZero",
     "Trace", "TraceTag", "Tracer", "Zero", "abstract_eval", "aval_of", "bind_on",
     "current_source", "escaped_tracer_check",
     "eval_jaxpr", "float0", "get_current_trace", "identity_primitive", "set_current_trace",
@@ -179,16 +180,20 @@ def get_current_trace() -> Any:
 class Source(NamedTuple):
     """Where a node was recorded: JAX's source info (the equation's traceback inside inlined
     ``jit`` bodies, and the ``named_scope`` stack) plus the live Python traceback, which still
-    reaches the user's line when the equation's own traceback stops at a jitted jnp function.
+    reaches the user's line when the equation's own traceback stops at a jitted jnp function,
+    and the abstract mesh current then (``jax.sharding.auto_axes`` / ``explicit_axes`` change
+    it for part of a program; the node's rule must run under the same one).
     """
 
     info: Any
     live: Any
+    mesh: Any = None
 
 
 def current_source() -> Source:
     """A cheap handle on the current tracebacks, summarised only when shown."""
-    return Source(_source_info._source_info_context.context, _xla_traceback())
+    return Source(_source_info._source_info_context.context, _xla_traceback(),
+                  jax.sharding.get_abstract_mesh())
 
 
 def _user_frame(source: Any) -> Any:

@@ -58,8 +58,8 @@ def _trace(fun: Callable, primals: Sequence[Any], has_aux: bool
 
 
 def leaves_like(leaves: Sequence[Any]) -> list[Any]:
-    """Shape/dtype stand-ins for the primal leaves (kept for zero cotangents)."""
-    return [jax.ShapeDtypeStruct(np.shape(x), _jax.aval_of(x).dtype) for x in leaves]
+    """Types of the primal leaves (shape, dtype, sharding), kept for zero cotangents."""
+    return [_jax.aval_of(x) for x in leaves]
 
 
 def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: Any) -> tuple:
@@ -75,10 +75,10 @@ def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: A
     return tuple(tree_unflatten(in_tree, sweep(tape, ct_leaves, in_specs)))
 
 
-@functools.lru_cache(maxsize=None)
 def _unit(dtype: Any) -> Any:
-    """The scalar 1 of ``dtype``: the seed cotangent of a scalar loss (one concrete array,
-    made once, even when first asked for under a transform)."""
+    """The scalar 1 of ``dtype``: the seed cotangent of a scalar loss, made anew for each
+    gradient: a cached array would stay on the mesh current when it was made, and every
+    later gradient on another mesh (or on one device) would fail."""
     with _jax.outside_traces():  # not a per-device value of an eager shard_map body
         return jnp.ones((), dtype)
 

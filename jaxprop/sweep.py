@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 from jax import lax
 
 from jaxprop.registry import Cotangent, Node
@@ -37,6 +38,16 @@ def add_cotangents(a: Cotangent, b: Cotangent) -> Cotangent:
     return lax.add(a, b)
 
 
+def _apply_rule(node: Node, cts: list[Cotangent], mesh: Any) -> Any:
+    """``node.rule(node, cts)``, under the abstract mesh current when the node was recorded
+    if that differs from the sweep's (a node recorded inside ``jax.sharding.auto_axes``)."""
+    recorded = getattr(node.source, "mesh", None)
+    if recorded is None or recorded is mesh or recorded == mesh:
+        return node.rule(node, cts)
+    with jax.sharding.use_abstract_mesh(recorded):
+        return node.rule(node, cts)
+
+
 def backward(nodes: Sequence[Node], out_slots: Sequence[int | None],
              out_cts: Sequence[Cotangent], in_slots: Sequence[int | None],
              observer: SweepObserver = None) -> list[Cotangent]:
@@ -51,6 +62,7 @@ def backward(nodes: Sequence[Node], out_slots: Sequence[int | None],
         finally:
             check.finish()
     cts: dict[int, Cotangent] = {}
+    mesh = jax.sharding.get_abstract_mesh()
     for slot, ct in zip(out_slots, out_cts):
         if slot is not None and ct is not None:
             cts[slot] = add_cotangents(cts.get(slot), ct)
@@ -58,7 +70,7 @@ def backward(nodes: Sequence[Node], out_slots: Sequence[int | None],
         node_cts = [cts.pop(s, None) if s is not None else None for s in node.out_slots]
         if all(ct is None for ct in node_cts):
             continue
-        in_cts = node.rule(node, node_cts)
+        in_cts = _apply_rule(node, node_cts, mesh)
         if observer is not None:
             observer(node, node_cts, in_cts)
         for slot, ct in zip(node.in_slots, in_cts):

@@ -341,10 +341,24 @@ def zeros_like_value(value: Any) -> Any:
 
 def zeros_of(typ: Any) -> Any:
     """The zero cotangent of a value of type ``typ`` (an aval or ``jax.ShapeDtypeStruct``):
-    zeros of its dtype, float0 for integers and booleans."""
+    zeros of its dtype (and of its sharding under an Explicit mesh), float0 for integers and
+    booleans."""
     if is_differentiable(typ):
-        return jnp.zeros(typ.shape, typ.dtype)
+        return jnp.zeros(typ.shape, typ.dtype, out_sharding=sharding_of(typ))
     return np.zeros(typ.shape, _jax.float0)
+
+
+def sharding_of(x: Any) -> Any:
+    """The sharding in ``x``'s type (``jax.typeof(x).sharding``; ``x`` may be an aval), or
+    None when it says nothing: no mesh, or a mesh without Explicit axes. A rule that makes a
+    new array passes it on as ``out_sharding``, so the cotangent is sharded like its primal,
+    as JAX's own rules do."""
+    typ = x if isinstance(x, (_jax.AbstractValue, jax.ShapeDtypeStruct)) else _jax.aval_of(x)
+    sharding = getattr(typ, "sharding", None)
+    if sharding is None or not getattr(sharding, "mesh", None) or \
+            not sharding.mesh.explicit_axes:
+        return None
+    return sharding
 
 
 @jax.tree_util.register_pytree_node_class

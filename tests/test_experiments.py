@@ -3,6 +3,7 @@
 gradient through an adaptive ODE solver's while loop passes its checks and the fit learns."""
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -261,3 +262,20 @@ def test_feedback_alignment_help_describes_every_flag():
     # argparse prints "(default: …)" only after a flag's help text: one per flag
     assert text.count("(default:") == len(flags), proc.stdout
     assert "feedback matrices B" in text and "3 epochs" in text
+@pytest.mark.slow  # ~15 s; tests/test_mesh.py checks the same patterns in the default run
+def test_train_parallel_quick_equals_single_device(tmp_path):
+    """experiments/train_parallel.py --quick on 8 simulated devices: the jit + NamedSharding,
+    FSDP and shard_map (pmean'd loss) curves are the single-device curve."""
+    proc = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "train_parallel.py"), "--devices", "8", "--quick",
+         "--no-plot", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(EXPERIMENTS.parent)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "parallel.json").read_text())
+    assert results["config"]["devices"] == 8
+    for name in ("jit", "fsdp", "shard_map"):
+        assert results[name]["max_abs_diff_vs_single"] < 1e-5, (name, results[name])
+    losses = results["single"]["losses"]
+    assert losses[-1] < 0.5 * losses[0]
+    assert "P('data',)" in results["fsdp_param_specs"], results["fsdp_param_specs"]

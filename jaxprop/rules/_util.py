@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from jaxprop import _jax
+from jaxprop.tracer import sharding_of  # noqa: F401 - rules import it from here
 
 
 def unbroadcast(ct: Any, x: Any) -> Any:
@@ -48,3 +51,8 @@ def instantiate(ct: Any, like: Any) -> Any:
 def shape_of(x: Any) -> tuple[int, ...]:
     """Static shape of an array, tracer or Python scalar."""
     return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+
+
+def respec(sharding: Any, spec: Sequence[Any]) -> Any:
+    """``sharding`` with its partition spec replaced by ``spec`` (None stays None)."""
+    return None if sharding is None else sharding.update(spec=jax.P(*spec))

@@ -42,7 +42,7 @@ from jaxprop.collect import COLLECTORS, TagCollector, loop_step, sub_collector
 from jaxprop.rules.custom import eval_on, has_marker, inline_call, typed_outputs
 from jaxprop.sweep import SWEEP_CHECKS, backward
 from jaxprop.tracer import (HANDLERS, JaxpropTrace, LinearTrace, Tape, handler,
-                            is_differentiable, recording_body_of, run_traced)
+                            is_differentiable, recording_body_of, run_traced, sharding_of)
 
 __all__ = ["WhileLoopError", "cond", "remat", "scan", "while_loop"]
 
@@ -114,7 +114,7 @@ def _ct_for(ct: Cotangent, like: Any, step: bool = False) -> Any:
     if step:
         aval = aval.update(shape=aval.shape[1:])
     if ct is None:
-        ct = jnp.zeros(aval.shape, aval.dtype)
+        ct = jnp.zeros(aval.shape, aval.dtype, out_sharding=sharding_of(aval))
     else:
         ct = lax.convert_element_type(convert_like(ct, aval.dtype), aval.dtype)
     return _jax.pvary(ct, tuple(_jax.varying_axes(like)))
@@ -344,7 +344,8 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
         ct_carry, acc = carry
         live_t, xs_t, ct_ys = x
         live = iter(live_t)  # arrays no rule reads were not stored: zeros stand in for them
-        residuals_t = [next(live) if aval is None else jnp.zeros(aval.shape, aval.dtype)
+        residuals_t = [next(live) if aval is None
+                       else jnp.zeros(aval.shape, aval.dtype, out_sharding=sharding_of(aval))
                        for aval in p["dead"]]
         tape = layout.rebuild(xs_t, residuals_t, fixed)
         out_cts: list = [None] * len(cts)
@@ -412,7 +413,8 @@ def cond(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any], params: di
     def branch(i: int) -> Callable:
         def taken(ops: list) -> tuple:
             outs, layouts[i], residuals, fixed[i] = run(branches[i], ops)
-            zeros = [[jnp.zeros(a.shape, a.dtype) for a in rs] for rs in shapes]
+            zeros = [[jnp.zeros(a.shape, a.dtype, out_sharding=sharding_of(a)) for a in rs]
+                     for rs in shapes]
             return outs, [a for rs in zeros[:i] for a in rs] + residuals + \
                 [a for rs in zeros[i + 1:] for a in rs]
         return taken

@@ -24,12 +24,19 @@ import numpy as np
 from jax import lax
 
 from jaxprop.registry import defvjp
-from jaxprop.rules._util import convert_like
+from jaxprop.rules._util import convert_like, respec, sharding_of
 
 
 def _swapped(nd: int) -> tuple[int, ...]:
     """Spec whose batch/out-feature is axis 1 and feature/in-feature axis 0."""
     return (1, 0) + tuple(range(2, nd))
+
+
+def _in_spec_order(operand, spec):
+    """Under an Explicit mesh: ``operand``'s sharding with its axes in ``spec``'s order (the
+    layout the cotangent convolution produces before its final transpose)."""
+    sharding = sharding_of(operand)
+    return None if sharding is None else respec(sharding, [sharding.spec[a] for a in spec])
 
 
 def _conv_lhs(ct, out, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -52,7 +59,9 @@ def _conv_lhs(ct, out, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_d
     res = lax.conv_general_dilated(
         ct, convert_like(w, ct.dtype), window_strides=lhs_dilation, padding=pads,
         lhs_dilation=window_strides, rhs_dilation=rhs_dilation, dimension_numbers=dn,
-        feature_group_count=groups, precision=precision)         # (N/B, B·C, L…)
+        feature_group_count=groups, precision=precision,
+        out_sharding=None if batch_group_count > 1 else _in_spec_order(lhs, lhs_spec))
+    # (N/B, B·C, L…)
     if batch_group_count > 1:                                     # B feature groups -> batch
         b, sp = batch_group_count, res.shape[2:]
         res = res.reshape((res.shape[0], b, res.shape[1] // b) + sp).swapaxes(0, 1)
@@ -80,7 +89,7 @@ def _conv_rhs(ct, out, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_d
         convert_like(x, c.dtype), c, window_strides=rhs_dilation, padding=pads,
         lhs_dilation=lhs_dilation, rhs_dilation=window_strides, dimension_numbers=dn,
         feature_group_count=batch_group_count, batch_group_count=feature_group_count,
-        precision=precision)                                      # (O, I, K…)
+        precision=precision, out_sharding=_in_spec_order(rhs, rhs_spec))  # (O, I, K…)
     return convert_like(lax.transpose(res, tuple(np.argsort(rhs_spec))), rhs.dtype)
 
 

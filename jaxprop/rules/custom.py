@@ -29,7 +29,7 @@ from jaxprop import _jax
 from jaxprop.registry import OVERRIDES, Cotangent, Node
 from jaxprop.sweep import SWEEP_CHECKS, backward
 from jaxprop.tracer import (WATCHES, JaxpropTrace, LinearTrace, Tape, handler,
-                            inlining_forced, run_traced, zeros_like_value)
+                            inlining_forced, run_traced, sharding_of, zeros_like_value)
 
 
 @handler("jit", "closed_call", "core_call")
@@ -40,7 +40,27 @@ def inline_call(trace: JaxpropTrace, primitive: Any, tracers: Sequence[Any],
     closed = params.get("jaxpr", params.get("call_jaxpr"))
     if primitive.name == "jit" and _compile_as_one_node(trace, closed):
         return _compiled_call(trace, primitive, tracers, params)
-    return eval_on(trace, closed, tracers)
+    return eval_call(trace, closed, tracers, params)
+
+
+def eval_call(trace: Any, closed: Any, args: Sequence[Any], params: dict) -> list[Any]:
+    """A call's body evaluated on ``args``, keeping the call's placement: inputs and outputs
+    constrained to its ``in_shardings`` / ``out_shardings`` (``jax.jit(f, in_shardings=…)``).
+    The constraints are recorded, so each cotangent gets its value's sharding — as in
+    ``jax.grad``, whose transposed call has the primal's shardings the other way round."""
+    args = _constrain(trace, args, params.get("in_shardings", ()))
+    return _constrain(trace, eval_on(trace, closed, args), params.get("out_shardings", ()))
+
+
+def _constrain(trace: Any, values: Sequence[Any], shardings: Sequence[Any]) -> list[Any]:
+    """``values`` with a sharding constraint where ``shardings`` names one (a value whose
+    type already carries an Explicit sharding needs none: JAX checks it at the call)."""
+    if not any(isinstance(s, jax.sharding.Sharding) for s in shardings):
+        return list(values)
+    with _jax.set_current_trace(trace):
+        return [jax.lax.with_sharding_constraint(x, s)
+                if isinstance(s, jax.sharding.Sharding) and sharding_of(x) is None else x
+                for x, s in zip(values, shardings)]
 
 
 def _compile_as_one_node(trace: JaxpropTrace, closed: Any) -> bool:
@@ -90,20 +110,37 @@ def _compiled_call_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]
     """jit(f): ct_in = vjp(f)(inputs)(ct_out), as one compiled program (forward recomputed)."""
     wants = node.wants
     given = tuple(ct is not None for ct in cts)
-    vjp = _compiled_vjp(node.params["jaxpr"], wants, given)
+    vjp = _compiled_vjp(node.params["jaxpr"], wants, given, _Placement(node.params))
     in_cts = iter(vjp(list(node.inputs), [ct for ct in cts if ct is not None]))
     return [next(in_cts) if w else None for w in wants]
 
 
+class _Placement:
+    """A jitted call's in/out shardings, as a cache key (shardings are hashable)."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, params: dict) -> None:
+        self.params = {k: params[k] for k in ("in_shardings", "out_shardings") if k in params}
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.params.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Placement) and self.params == other.params
+
+
 @functools.lru_cache(maxsize=1024)
-def _compiled_vjp(closed: Any, wants: tuple, given: tuple) -> Any:
+def _compiled_vjp(closed: Any, wants: tuple, given: tuple, placement: _Placement) -> Any:
+    params = placement.params
+
     def vjp(inputs: list, cts: list) -> list:
         diff = [inputs[i] for i, w in enumerate(wants) if w]
 
         def body(*tracers: Any) -> list:
             it = iter(tracers)
-            return eval_on(_jax.get_current_trace(), closed,
-                           [next(it) if w else x for x, w in zip(inputs, wants)])
+            return eval_call(_jax.get_current_trace(), closed,
+                             [next(it) if w else x for x, w in zip(inputs, wants)], params)
 
         inner, in_tracers, outs = run_traced(body, diff)
         it = iter(cts)
@@ -266,4 +303,5 @@ def _zero_cotangent(value: Any, symbolic_zeros: bool) -> Any:
     return zeros_like_value(value)
 
 
-__all__ = ["custom_jvp_call", "custom_vjp_call", "eval_on", "inline_call", "typed_outputs"]
+__all__ = ["custom_jvp_call", "custom_vjp_call", "eval_call", "eval_on", "inline_call",
+           "typed_outputs"]

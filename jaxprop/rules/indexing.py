@@ -15,6 +15,7 @@ import numpy as np
 from jax import lax
 
 from jaxprop.registry import defvjp, noderule
+from jaxprop.rules._util import respec, sharding_of
 
 
 def scatter_numbers(g: lax.GatherDimensionNumbers) -> lax.ScatterDimensionNumbers:
@@ -57,7 +58,7 @@ def _flags(params):
 def _gather(ct, out, operand, indices, *, dimension_numbers, mode, indices_are_sorted,
             unique_indices, **_):
     """gather: out = operand[idx] ⇒ ct_operand = scatter-add of ct at idx (duplicates add)."""
-    zeros = jnp.zeros(np.shape(operand), ct.dtype)
+    zeros = jnp.zeros(np.shape(operand), ct.dtype, out_sharding=sharding_of(operand))
     return lax.scatter_add(zeros, indices, ct, scatter_numbers(dimension_numbers), mode=mode,
                            indices_are_sorted=indices_are_sorted, unique_indices=unique_indices)
 

@@ -15,14 +15,15 @@ import numpy as np
 from jax import lax
 
 from jaxprop.registry import defvjp
-from jaxprop.rules._util import convert_like
+from jaxprop.rules._util import convert_like, sharding_of
 
 
 def expand_to(ct, x, axes):
-    """Broadcast a cotangent reduced over ``axes`` back to ``x``'s shape."""
+    """Broadcast a cotangent reduced over ``axes`` back to ``x``'s shape (and, under an
+    Explicit mesh, to ``x``'s sharding, as JAX's transpose of a reduction does)."""
     shape = np.shape(x)
     kept = tuple(i for i in range(len(shape)) if i not in axes)
-    return lax.broadcast_in_dim(ct, shape, kept)
+    return lax.broadcast_in_dim(ct, shape, kept, out_sharding=sharding_of(x))
 
 
 def vjp_by_tracing(fn: Callable[..., Any], primals: Sequence[Any],

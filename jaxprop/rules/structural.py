@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxprop import _jax
 from jaxprop.registry import defvjp, noderule
 from jaxprop.rules._util import convert_like, instantiate
 
@@ -148,3 +149,11 @@ def _rebind_on_cotangent(node, cts):
 for _name in ("sharding_constraint", "layout_constraint"):
     noderule(_name)(_rebind_on_cotangent)
 
+
+
+@noderule("reshard")
+def _reshard(node, cts):
+    """reshard (Explicit mesh): ct_in = reshard(ct, x's sharding) — back to where x lived."""
+    (x,) = node.inputs
+    params = dict(node.params, dst_sharding=_jax.aval_of(x).sharding)
+    return [node.primitive.bind(cts[0], **params)]

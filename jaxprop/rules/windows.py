@@ -23,6 +23,7 @@ from jax import lax
 from jaxprop import _jax
 from jaxprop.registry import defvjp, noderule
 from jaxprop.rules.reductions import compiled_when_eager, vjp_by_tracing
+from jaxprop.rules._util import sharding_of
 from jaxprop.rules.structural import unpad, zero_scalar
 
 
@@ -51,7 +52,8 @@ def window_slices(xp, out_shape, window_dimensions, window_strides, window_dilat
 def place_window_slice(ct, size, start, window_strides):
     """Transpose of one :func:`window_slices` entry: ct back into zeros of ``size`` at ``start``."""
     spread = lax.pad(ct, zero_scalar(ct.dtype), [(0, 0, s - 1) for s in window_strides])
-    return lax.dynamic_update_slice(jnp.zeros(size, ct.dtype), spread, start)
+    zeros = jnp.zeros(size, ct.dtype, out_sharding=sharding_of(ct))
+    return lax.dynamic_update_slice(zeros, spread, start)
 
 
 def _reduce_window_sum(ct, out, x, *, window_dimensions, window_strides, padding,
@@ -85,7 +87,7 @@ def _chooser(identity):
         config, size, _ = _geometry(np.shape(x), window_dimensions, padding, base_dilation,
                                     window_dilation)
         xp = lax.pad(x, identity(x.dtype), config)
-        taken = jnp.zeros(ct.shape, bool)
+        taken = jnp.zeros(ct.shape, bool, out_sharding=sharding_of(ct))
         ct_xp = None
         for start, patch in window_slices(xp, ct.shape, window_dimensions, window_strides,
                                           window_dilation):
