@@ -85,6 +85,24 @@ class Symbolic:
         return f"Symbolic({self.aval.str_short()})"
 
 
+def is_valid_jaxtype(x: Any) -> bool:
+    """Whether ``x`` can be a JAX value (object-dtype arrays, strings … cannot)."""
+    return _core.valid_jaxtype(x)
+
+
+def cotangent_type_error(ct: Any, out_aval: Any) -> str | None:
+    """JAX's message if ``ct`` cannot be the cotangent of an output of type ``out_aval``
+    (shape or dtype differ; weak types and float0 outputs are lenient, as in ``jax.vjp``)."""
+    got, expected = _core.typeof(ct), out_aval.to_ct_aval()
+    if _core.typecompat(got, expected) or (
+            getattr(got, "shape", None) == expected.shape and expected.dtype == float0):
+        return None
+    return ("unexpected JAX type (e.g. shape/dtype) for argument to VJP function: "
+            f"got {got.str_short()}, but expected {expected.str_short()} because the "
+            f"corresponding output of the differentiated function had JAX type "
+            f"{out_aval.str_short()}")
+
+
 def to_concrete_value(x: Any) -> Any:
     """The concrete value under ``x`` if there is one (so Python ``if`` works), else None."""
     return _core.to_concrete_value(x)

@@ -32,3 +32,85 @@ def test_conv_with_empty_output_gives_zeros():
     f = lambda x, w: jnp.sum(lax.conv(x, w, (1,), "VALID"))
     args = jnp.ones((1, 1, 2)), jnp.ones((1, 1, 3))
     assert_same(jaxprop.grad(f, (0, 1))(*args), jax.grad(f, (0, 1))(*args))
+
+
+def test_jacrev_of_complex_output_raises_as_jax():
+    """jacrev of a complex output is not a real Jacobian: JAX's TypeError, not the real part."""
+    f, x = lambda x: jnp.exp(1j * x), jnp.ones(2)
+    with pytest.raises(TypeError) as theirs:
+        jax.jacrev(f)(x)
+    with pytest.raises(TypeError, match="use jax.vjp directly") as ours:
+        jaxprop.jacrev(f)(x)
+    assert str(ours.value) == str(theirs.value)
+    assert_same(jaxprop.jacrev(f, holomorphic=True)(x + 0j), jax.jacrev(f, holomorphic=True)(x + 0j))
+
+
+# -- crashes and unclear errors --------------------------------------------------------------
+def test_python_scalar_cotangent():
+    f = lambda x, i: x[i]
+    ours = jaxprop.vjp(f, jnp.arange(3.0), 1)[1](1.0)
+    theirs = jax.vjp(f, jnp.arange(3.0), 1)[1](1.0)
+    assert_same(ours[0], theirs[0])
+    assert ours[0].dtype == theirs[0].dtype
+
+
+def _messages(call_ours, call_theirs, error=TypeError):
+    with pytest.raises(error) as ours:
+        call_ours()
+    with pytest.raises(error) as theirs:
+        call_theirs()
+    return str(ours.value), str(theirs.value)
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_vjp_fn_with_wrong_number_of_arguments(n):
+    """JAX's message, naming the function and that one argument is expected; no internals."""
+    x = jnp.ones(3)
+    ours, theirs = _messages(lambda: jaxprop.vjp(jnp.sin, x)[1](*[x] * n),
+                             lambda: jax.vjp(jnp.sin, x)[1](*[x] * n))
+    assert "applied to sin" in ours and f"called with {n} arguments" in ours
+    assert "_pullback" not in ours and "__call__" not in ours
+    if n == 2:
+        assert ours == theirs.replace("jax.vjp", "jaxprop.vjp")
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.float16, jnp.complex64])
+def test_cotangent_of_wrong_dtype_is_rejected(dtype):
+    x, ct = jnp.ones(3), jnp.ones(3, dtype)
+    ours, theirs = _messages(lambda: jaxprop.vjp(jnp.sin, x)[1](ct),
+                             lambda: jax.vjp(jnp.sin, x)[1](ct), ValueError)
+    assert ours == theirs
+
+
+def test_cotangent_of_wrong_shape_is_rejected():
+    x, ct = jnp.ones(2), jnp.ones(3)
+    ours, theirs = _messages(lambda: jaxprop.vjp(jnp.sin, x)[1](ct),
+                             lambda: jax.vjp(jnp.sin, x)[1](ct), ValueError)
+    assert ours == theirs
+
+
+def test_repeated_argnums_raise():
+    """JAX fails on argnums=(0, 0); jaxprop says why instead of half a gradient."""
+    f = lambda x, y: x * y
+    for transform in (jaxprop.grad, jaxprop.jacrev):
+        with pytest.raises(TypeError, match="more than once"):
+            transform(f, (0, 0))(2.0, 3.0)
+    with pytest.raises(TypeError):
+        jax.grad(f, (0, 0))(2.0, 3.0)
+
+
+@pytest.mark.parametrize("case", ["too_few_args", "aux_not_pair", "holomorphic_real",
+                                  "object_dtype", "int_input"])
+def test_misuse_messages_match_jax(case):
+    """The same misuse gets JAX's wording (tracer type names aside)."""
+    calls = {
+        "too_few_args": lambda g: g.grad(lambda x, y: x * y, 1)(2.0),
+        "aux_not_pair": lambda g: g.grad(lambda x: (x * 2, 1, 2), has_aux=True)(2.0),
+        "holomorphic_real": lambda g: g.jacrev(lambda x: x * 2, holomorphic=True)(jnp.ones(2)),
+        "object_dtype": lambda g: g.grad(lambda x: 1.0)(np.array([1.0], dtype=object)),
+        "int_input": lambda g: g.jacrev(lambda x: x * 2)(jnp.ones(2, jnp.int32)),
+    }
+    ours, theirs = _messages(lambda: calls[case](jaxprop), lambda: calls[case](jax))
+    if case == "aux_not_pair":
+        ours, theirs = ours.split(" with value")[0], theirs.split(" with value")[0]
+    assert ours == theirs
