@@ -114,3 +114,72 @@ def test_misuse_messages_match_jax(case):
     if case == "aux_not_pair":
         ours, theirs = ours.split(" with value")[0], theirs.split(" with value")[0]
     assert ours == theirs
+
+
+# -- symbolic zeros through unused loop carries and branch outputs ---------------------------
+def _unused_scan_carry(x):
+    step = lambda c, xi: (c + xi, jnp.tanh(xi))
+    return jnp.sum(lax.scan(step, jnp.sqrt(x), jnp.ones((3, 2)))[1])
+
+
+def _unused_fori_carry(x):
+    body = lambda i, c: (c[0] + 1.0, c[1] * 2.0)
+    return lax.fori_loop(0, 3, body, (jnp.sqrt(x), x))[1].sum()
+
+
+def _unused_scan_carry_of_two(x):
+    step = lambda c, xi: ((c[0] + xi, c[1] * 2), jnp.tanh(xi))
+    return lax.scan(step, (jnp.sqrt(x), x), jnp.ones((3, 2)))[0][1].sum()
+
+
+def _unused_cond_output(x):
+    return lax.cond(jnp.sum(x) >= 0, lambda y: (y, x * 2), lambda y: (y, x * 3), jnp.sqrt(x))[1].sum()
+
+
+def _unused_jit_output(x):
+    return jax.jit(lambda y, x: (y, 2 * x))(jnp.sqrt(x), x)[1].sum()
+
+
+@pytest.mark.parametrize("f", [_unused_scan_carry, _unused_fori_carry, _unused_scan_carry_of_two,
+                               _unused_cond_output, _unused_jit_output])
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_no_nan_through_unused_outputs(f, mode):
+    """A value whose uses all get zero cotangent gets a symbolic zero, as in JAX: it must not
+    meet sqrt's infinite derivative at 0 (0·∞ = NaN)."""
+    wrap = jax.jit if mode == "jit" else (lambda g: g)
+    x = jnp.zeros(2)
+    ours, theirs = wrap(jaxprop.grad(f))(x), wrap(jax.grad(f))(x)
+    assert not np.isnan(np.asarray(ours)).any()
+    assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("inner", [lambda y: jax.nn.relu(1.0 * y),
+                                   lambda y: jnp.sin(y) * jax.nn.softplus(y)])
+def test_no_tracer_leak_under_checkpoint_in_jit(inner):
+    """JAX caches jax.checkpoint's jaxpr, which remembers the trace it was traced under (a
+    finished jaxprop trace): that trace must hold neither its parent nor its values."""
+    f = lambda x: jaxprop.vjp(jax.checkpoint(inner), x)
+    with jax.check_tracer_leaks():
+        y, f_vjp = jax.jit(f)(1.0)
+        g = jax.jit(lambda x: jaxprop.grad(jax.checkpoint(inner))(x))(1.0)
+    assert_same(f_vjp(1.0), jax.vjp(inner, 1.0)[1](1.0))
+    assert_same(g, jax.grad(inner)(1.0))
+
+
+def test_custom_jvp_not_linear_in_tangent_names_rule_and_primitive():
+    """JAX: no transpose rule for 'max'. jaxprop says the same, plus which rule and where."""
+    @jax.custom_jvp
+    def clipped_sin(x):
+        return jnp.sin(x)
+
+    @clipped_sin.defjvp
+    def clipped_sin_jvp(primals, tangents):
+        return clipped_sin(primals[0]), jnp.cos(primals[0]) * jnp.maximum(tangents[0], 0.0)
+
+    with pytest.raises(NotImplementedError) as theirs:
+        jax.grad(clipped_sin)(1.0)
+    for transform in (lambda f: f, jax.jit):
+        with pytest.raises(NotImplementedError, match="custom_jvp rule of clipped_sin") as ours:
+            transform(jaxprop.grad(clipped_sin))(1.0)
+        assert str(ours.value).startswith(str(theirs.value))
+        assert "test_correctness.py" in str(ours.value)

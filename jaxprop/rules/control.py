@@ -34,7 +34,7 @@ from jax.tree_util import tree_flatten, tree_unflatten
 
 from jaxprop import _jax
 from jaxprop.registry import Cotangent, Node, defvjp, noderule
-from jaxprop.rules._util import convert_like
+from jaxprop.rules._util import convert_like, inputs_reaching
 from jaxprop.rules.custom import eval_on, inline_call, typed_outputs
 from jaxprop.sweep import backward
 from jaxprop.tracer import (HANDLERS, JaxpropTrace, LinearTrace, Tape, handler,
@@ -249,16 +249,7 @@ def _live_residuals(layout: _Layout, residuals: list, xs: list, fixed: list, out
     spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), _jax.aval_of(x).dtype)
     cts = [spec(o) if s is not None else None for o, s in zip(outs, layout.out_slots)]
     jaxpr = jax.make_jaxpr(sweep)(list(map(spec, residuals)), list(map(spec, xs)), cts).jaxpr
-    return _used_inputs(jaxpr)[:len(residuals)]
-
-
-def _used_inputs(jaxpr: Any) -> list[bool]:
-    """Which inputs of ``jaxpr`` reach an output or an effect (reverse liveness)."""
-    live = {v for v in jaxpr.outvars if not isinstance(v, _xcore.Literal)}
-    for eqn in reversed(jaxpr.eqns):
-        if eqn.effects or any(v in live for v in eqn.outvars):
-            live.update(v for v in eqn.invars if not isinstance(v, _xcore.Literal))
-    return [v in live for v in jaxpr.invars]
+    return inputs_reaching(jaxpr, [True] * len(jaxpr.outvars), effects=True)[:len(residuals)]
 
 
 def _hoist_invariants(trace: JaxpropTrace, closed: Any, consts: Sequence[Any]
@@ -301,6 +292,21 @@ def _scan_diff(jaxpr: Any, slots: Sequence[Any], n_c: int, n_k: int) -> list[boo
         diff[n_c:n_c + n_k] = new
 
 
+def _scan_reached(jaxpr: Any, carry_ct: list[bool], ys_ct: Sequence[int], n_c: int, n_k: int
+                  ) -> list[bool]:
+    """Which body inputs a nonzero cotangent can reach, over any number of steps: carries by
+    fixpoint. The others keep a symbolic zero (as JAX's), so a zero never meets an infinite
+    derivative (sqrt at 0) of whatever produced them."""
+    ys = set(ys_ct)
+    wanted = carry_ct + [j in ys for j in range(len(jaxpr.outvars) - n_k)]
+    while True:
+        reached = inputs_reaching(jaxpr, wanted)
+        carry = [w or r for w, r in zip(wanted[:n_k], reached[n_c:n_c + n_k])]
+        if carry == wanted[:n_k]:
+            return reached
+        wanted[:n_k] = carry
+
+
 def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     """Reverse scan of the body's VJP: ct_carry flows back step by step, Σ_t ct_consts(t),
     ct_xs[t] as ys."""
@@ -308,12 +314,15 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     n_c, n_k, diff = p["num_consts"], p["num_carry"], p["diff"]
     values = node.inputs
     stacked, fixed = node.residuals
-    carry_d = [i for i in range(n_c, n_c + n_k) if diff[i]]
-    const_d = [i for i in range(n_c) if diff[i] and node.in_slots[i] is not None]
-    xs_d = [i for i in range(n_c + n_k, len(values)) if diff[i] and node.in_slots[i] is not None]
     layout: _Layout = p["layout"]
     ys_ct = [j for j in range(len(cts) - n_k) if cts[n_k + j] is not None
              and layout.out_slots[n_k + j] is not None]
+    reached = _scan_reached(p["jaxpr"].jaxpr, [ct is not None for ct in cts[:n_k]], ys_ct,
+                            n_c, n_k)
+    carry_d = [i for i in range(n_c, n_c + n_k) if diff[i] and reached[i]]
+    const_d = [i for i in range(n_c) if diff[i] and reached[i] and node.in_slots[i] is not None]
+    xs_d = [i for i in range(n_c + n_k, len(values))
+            if diff[i] and reached[i] and node.in_slots[i] is not None]
     position = {i: k for k, i in enumerate(i for i in range(len(values)) if diff[i])}
 
     def step(carry: tuple, x: tuple) -> tuple:
@@ -401,6 +410,9 @@ def _cond_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     p, (index, *ops) = node.params, node.inputs
     residuals, fixed = node.residuals
     present = [j for j, ct in enumerate(cts) if ct is not None]
+    wanted = [ct is not None for ct in cts]  # ops no branch passes a cotangent to get None
+    reached = [any(r) for r in zip(*(inputs_reaching(b.jaxpr, wanted) for b in p["branches"]))]
+    diff = [d and r for d, r in zip(p["diff"], reached)]
 
     def branch_vjp(i: int) -> Callable:
         def vjp(ops: list, residuals: list, cts_present: list) -> list:
@@ -410,13 +422,14 @@ def _cond_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
             for j, ct in zip(present, cts_present):
                 out_cts[j] = ct
             in_cts = backward(tape.nodes, tape.out_slots, out_cts, tape.in_slots)
-            return [_ct_for(ct, v) for ct, v in zip(in_cts, (o for o, d in zip(ops, p["diff"])
-                                                              if d))]
+            diff_ops = [o for o, d in zip(ops, p["diff"]) if d]
+            return [_ct_for(ct, o) for ct, o, r in zip(in_cts, diff_ops, reaching) if r]
         return vjp
 
+    reaching = [r for d, r in zip(p["diff"], reached) if d]
     in_cts = iter(lax.switch(index, [branch_vjp(i) for i in range(len(p["layouts"]))], ops,
                              list(residuals), [cts[j] for j in present]))
-    return [None] + [next(in_cts) if d else None for d in p["diff"]]
+    return [None] + [next(in_cts) if d else None for d in diff]
 
 
 # -- while ----------------------------------------------------------------------------------

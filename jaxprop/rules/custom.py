@@ -27,6 +27,7 @@ from jax.extend.core import Literal, jaxprs_in_params
 
 from jaxprop import _jax
 from jaxprop.registry import OVERRIDES, Cotangent, Node
+from jaxprop.rules._util import inputs_reaching
 from jaxprop.sweep import backward
 from jaxprop.tracer import (JaxpropTrace, LinearTrace, Tape, handler, inlining_forced,
                             run_traced, zeros_like_value)
@@ -86,9 +87,12 @@ def _dispatcher(closed: Any) -> Any:
 
 def _compiled_call_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     """jit(f): ct_in = vjp(f)(inputs)(ct_out), as one compiled program (forward recomputed)."""
-    wants = node.wants
     given = tuple(ct is not None for ct in cts)
-    vjp = _compiled_vjp(node.params["jaxpr"], wants, given)
+    closed = node.params["jaxpr"]  # inputs no nonzero cotangent reaches keep a symbolic zero
+    wants = tuple(w and r for w, r in zip(node.wants, inputs_reaching(closed.jaxpr, given)))
+    if not any(wants):
+        return [None] * len(wants)
+    vjp = _compiled_vjp(closed, wants, given)
     in_cts = iter(vjp(list(node.inputs), [ct for ct in cts if ct is not None]))
     return [next(in_cts) if w else None for w in wants]
 
@@ -140,7 +144,8 @@ def custom_jvp_call(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any,
         return _jax.bind_on(trace.parent, primitive, values, params)
     if _eager_fast_path(trace):
         return _deferred_custom_jvp(trace, primitive, fun, jvp, values, in_slots, params)
-    tape, primals_out = _linearize(trace.parent, jvp, values, in_slots, symbolic_zeros)
+    tape, primals_out = _linearize(trace.parent, jvp, values, in_slots, symbolic_zeros,
+                                   _name_of(fun))
     return trace.record(primitive, {"name": _name_of(fun)}, values, in_slots,
                         list(primals_out), _transpose_linear_tape, residuals=tape,
                         multiple_results=True)
@@ -151,9 +156,10 @@ def _name_of(fun: Any) -> str:
 
 
 def _linearize(parent: Any, jvp: Any, values: Sequence[Any], in_slots: Sequence[Any],
-               symbolic_zeros: bool) -> tuple[Tape, list[Any]]:
-    """Run the user's JVP on ``values``: (tape of its tangent map, primal outputs)."""
-    linear = LinearTrace(parent)
+               symbolic_zeros: bool, name: str = "custom_jvp") -> tuple[Tape, list[Any]]:
+    """Run the user's JVP on ``values``: (tape of its tangent map, primal outputs). ``name``:
+    the function's, for errors."""
+    linear = LinearTrace(parent, name)
     with _jax.set_current_trace(parent):
         tangents = [linear.new_symbolic_input(_jax.aval_of(v).to_tangent_aval())
                     if s is not None else _zero_tangent(v, symbolic_zeros)
@@ -162,10 +168,10 @@ def _linearize(parent: Any, jvp: Any, values: Sequence[Any], in_slots: Sequence[
         with _jax.set_current_trace(linear):
             outs = jvp.call_wrapped(*values, *tangents)
     finally:
-        linear.invalidate()
+        nodes = linear.release()
     n = len(outs) // 2
     primals_out, tangents_out = outs[:n], outs[n:]
-    tape = Tape(linear.nodes, [t.slot if s is not None else None
+    tape = Tape(nodes, [t.slot if s is not None else None
                                for t, s in zip(tangents, in_slots)],
                 [linear.unwrap(t)[1] for t in tangents_out])
     return tape, list(primals_out)
@@ -212,7 +218,7 @@ def _linearize_then_transpose(node: Node, cts: Sequence[Cotangent]) -> list[Cota
     """custom_jvp (deferred): record the JVP's tangent map now, then ct_in = Jᵀ ct_out."""
     rule: _JvpRule = node.params["jvp"]
     tape, _ = _linearize(_jax.get_current_trace(), rule.jvp, node.inputs, node.in_slots,
-                         rule.symbolic_zeros)
+                         rule.symbolic_zeros, node.params["name"])
     return backward(tape.nodes, tape.out_slots, cts, tape.in_slots)
 
 
