@@ -183,3 +183,29 @@ def test_custom_jvp_not_linear_in_tangent_names_rule_and_primitive():
             transform(jaxprop.grad(clipped_sin))(1.0)
         assert str(ours.value).startswith(str(theirs.value))
         assert "test_correctness.py" in str(ours.value)
+
+
+@pytest.mark.parametrize("define", ["defjvp", "defjvps"])
+def test_custom_jvp_reading_python_state_is_followed_eagerly(define):
+    """JAX's eager grad runs a custom JVP rule on every call; a compiled eager sweep must not
+    freeze the Python state the rule reads."""
+    state = {"s": 1.0}
+    scaled_sin = jax.custom_jvp(jnp.sin)
+    if define == "defjvp":
+        scaled_sin.defjvp(lambda p, t: (jnp.sin(p[0]), state["s"] * jnp.cos(p[0]) * t[0]))
+    else:
+        scaled_sin.defjvps(lambda t, ans, x: state["s"] * jnp.cos(x) * t)
+    f = lambda x: scaled_sin(x) * 2.0
+    for s in [1.0, 1.0, 1.0, 1.0, 2.0, 3.0]:
+        state["s"] = s
+        assert_same(jaxprop.grad(f)(0.5), jax.grad(f)(0.5))
+
+
+def test_jax_custom_jvp_rules_still_compile_eagerly():
+    """jax.nn.relu's rule is JAX's own (a function of its arguments): compiled sweeps stay."""
+    from jaxprop import eager
+    f = lambda x: jnp.sum(jax.nn.relu(x) * jax.nn.softplus(x))
+    before = eager.STATS["compiled"]
+    for _ in range(eager.WARMUP + 2):
+        jaxprop.grad(f)(jnp.arange(3.0) - 1)
+    assert eager.STATS["compiled"] > before

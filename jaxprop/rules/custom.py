@@ -192,7 +192,12 @@ def _deferred_custom_jvp(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any
 class _JvpRule:
     """A custom JVP rule held in a node's params. Equal for calls of one ``custom_jvp``
     function with the same static arguments (``fun`` compares its function and static
-    arguments, ``jvp.f`` is the user's rule), so tapes through it share a compiled sweep."""
+    arguments, ``jvp.f`` is the rule), so tapes through it share a compiled sweep.
+
+    Only JAX's own rules (``jax.nn.relu``, ``jnp.logaddexp`` …: functions of their arguments
+    alone) are hashable. A user's rule may read Python state that a compiled sweep would
+    freeze (JAX's eager grad runs the rule on every call), so tapes through it are swept
+    per node: its hash raises TypeError, which makes the tape's structure uncacheable."""
 
     __slots__ = ("fun", "jvp", "symbolic_zeros", "_key", "_hash")
 
@@ -201,8 +206,10 @@ class _JvpRule:
         self._key = (fun, jvp.f, symbolic_zeros)
         self._hash: int | None = None
 
-    def __hash__(self) -> int:  # TypeError for unhashable static arguments: not cacheable
+    def __hash__(self) -> int:  # TypeError: not cacheable (user rule, unhashable statics)
         if self._hash is None:
+            if not _is_jax_function(self.jvp.f):
+                raise TypeError("a user's custom_jvp rule may read Python state")
             self._hash = hash(self._key)
         return self._hash
 
@@ -212,6 +219,21 @@ class _JvpRule:
 
     def __repr__(self) -> str:
         return f"jvp={getattr(self.jvp.f, '__qualname__', self.jvp.f)}"
+
+
+def _is_jax_function(fn: Any, seen: frozenset = frozenset()) -> bool:
+    """Whether ``fn`` (a custom rule) is defined inside JAX itself, and so are the functions it
+    wraps (``defjvps`` wraps one rule per argument; those may be the user's)."""
+    fn = getattr(fn, "func", fn)
+    if id(fn) in seen:
+        return True
+    if (getattr(fn, "__module__", None) or "").split(".")[0] != "jax":
+        return False
+    wrapped = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
+               if callable(c.cell_contents) or isinstance(c.cell_contents, (tuple, list))]
+    inner = [f for w in wrapped for f in (w if isinstance(w, (tuple, list)) else (w,))
+             if f is not None]
+    return all(_is_jax_function(f, seen | {id(fn)}) for f in inner if callable(f))
 
 
 def _linearize_then_transpose(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
