@@ -239,6 +239,18 @@ def source_scope(source: Any) -> str:
     return str(getattr(info, "name_stack", "") or "")
 
 
+def backward_scope(source: Any, name: str) -> Any:
+    """A context in which a node's backward ops carry its forward op's name scope, as
+    ``transpose(<forward scope>)/<primitive>`` (jax.grad's read ``transpose(jvp(<scope>))``):
+    a profile or the HLO shows which forward op each backward op belongs to."""
+    info = source.info if isinstance(source, Source) else source
+    forward = getattr(info, "name_stack", None) or _source_info.NameStack()
+    current = _source_info.current_name_stack()
+    if forward.stack[:len(current.stack)] == current.stack:  # the scopes both are inside
+        forward = forward[len(current.stack):]
+    return _source_info.set_name_stack(current.transform("transpose") + forward.extend(name))
+
+
 def identity_primitive(name: str, transpose: Any) -> Any:
     """A primitive ``p(x, **params) = x`` (eager, jit, vmap) for marking values.
 

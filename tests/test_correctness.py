@@ -209,3 +209,24 @@ def test_jax_custom_jvp_rules_still_compile_eagerly():
     for _ in range(eager.WARMUP + 2):
         jaxprop.grad(f)(jnp.arange(3.0) - 1)
     assert eager.STATS["compiled"] > before
+
+
+# -- beyond the named cases ------------------------------------------------------------------
+def test_backward_ops_carry_the_forward_name_scope():
+    """Like jax.grad's transpose(jvp(scope)), each backward op says which forward op it
+    belongs to: transpose(<scope>)/<primitive>, in the jaxpr and in the HLO's locations."""
+    def f(x):
+        with jax.named_scope("layer1"):
+            y = jnp.sin(x) * 2
+        with jax.named_scope("layer2"):
+            return jnp.sum(jnp.tanh(y))
+
+    x = jnp.ones(3)
+    eqns = jax.make_jaxpr(jaxprop.grad(f))(x).jaxpr.eqns
+    stacks = {(e.primitive.name, str(e.source_info.name_stack)) for e in eqns}
+    assert ("cos", "transpose(layer1)/sin") in stacks
+    assert ("sub", "transpose(layer2)/tanh") in stacks
+    hlo = jax.jit(jaxprop.grad(f)).lower(x).as_text(debug_info=True)
+    assert "transpose(layer1)/sin/cos" in hlo
+    theirs = {str(e.source_info.name_stack) for e in jax.make_jaxpr(jax.grad(f))(x).jaxpr.eqns}
+    assert "transpose(jvp(layer1))" in theirs   # what jax.grad's carry, for comparison
