@@ -230,3 +230,48 @@ def test_backward_ops_carry_the_forward_name_scope():
     assert "transpose(layer1)/sin/cos" in hlo
     theirs = {str(e.source_info.name_stack) for e in jax.make_jaxpr(jax.grad(f))(x).jaxpr.eqns}
     assert "transpose(jvp(layer1))" in theirs   # what jax.grad's carry, for comparison
+
+
+# -- variadic reduce --------------------------------------------------------------------------
+def _argmax_pair(a, b):
+    """(value, carried) pairs: keep the one with the larger value (the first on ties)."""
+    (av, ac), (bv, bc) = a, b
+    take_a = av >= bv
+    return jnp.where(take_a, av, bv), jnp.where(take_a, ac, bc)
+
+
+def _sum_and_product(a, b):
+    return a[0] + b[0], a[1] * b[1]
+
+
+@pytest.mark.parametrize("shape,axes", [((5, 3), (0,)), ((2, 3, 4), (0, 2))])
+@pytest.mark.parametrize("reducer", [_argmax_pair, _sum_and_product])
+def test_variadic_reduce(shape, axes, reducer):
+    """lax.reduce over two operands: a max carrying a second value, and a sum with a
+    product; values and second order equal JAX's."""
+    inits = (-jnp.inf, 0.0) if reducer is _argmax_pair else (0.0, 1.0)
+    f = lambda x, y: lax.reduce((x, y), inits, reducer, axes)
+    x, y = rand(shape, seed=1), rand(shape, seed=2)
+    cts = (rand(f(x, y)[0].shape, seed=3), rand(f(x, y)[1].shape, seed=4))
+    theirs = jax.jit(lambda x, y, cts: jax.vjp(f, x, y)[1](cts))(x, y, cts)  # eager: slow
+    assert_same(jaxprop.vjp(f, x, y)[1](cts), theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reducer", [_argmax_pair, _sum_and_product])
+def test_variadic_reduce_second_order(reducer):
+    inits = (-jnp.inf, 0.0) if reducer is _argmax_pair else (0.0, 1.0)
+    check(lambda x, y: lax.reduce((x, y), inits, reducer, (0,)), rand((5, 3), seed=1),
+          rand((5, 3), seed=2))
+
+
+def test_variadic_reduce_carrying_an_index():
+    """max with its (integer) index: the cotangent goes to the maximal element, ties to the
+    one the reducer keeps."""
+    f = lambda x: lax.reduce((x, lax.broadcasted_iota(jnp.int32, x.shape, 0)),
+                             (-jnp.inf, 0), _argmax_pair, (0,))[0]
+    x = jnp.array([[1.0, 5.0], [3.0, 5.0], [0.0, 1.0]])
+    ct = jnp.array([1.0, 2.0])
+    picked = lambda x: x[jnp.argmax(x, axis=0), jnp.arange(2)]  # JAX has no rule for f
+    assert_same(jaxprop.vjp(f, x)[1](ct), jax.vjp(picked, x)[1](ct))
+    assert_same(jax.jit(jaxprop.grad(lambda x: f(x) @ ct))(x), jax.grad(lambda x: picked(x) @ ct)(x))
