@@ -33,6 +33,7 @@ set_current_trace = _xcore.set_current_trace
 take_current_trace = _xcore.take_current_trace
 eval_jaxpr = _jcore.eval_jaxpr
 SourceInfo = Any
+ConcretizationError = jax.errors.ConcretizationTypeError
 _xla_traceback = _xla_client.Traceback.get_traceback
 
 # jaxprop's own frames are not the user's: error messages point past them.
@@ -101,6 +102,17 @@ def cotangent_type_error(ct: Any, out_aval: Any) -> str | None:
             f"got {got.str_short()}, but expected {expected.str_short()} because the "
             f"corresponding output of the differentiated function had JAX type "
             f"{out_aval.str_short()}")
+
+
+def eval_without_dead_code(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on the current trace with only the work its outputs need: ``fn`` is
+    staged to a jaxpr, dead equations are dropped (as JAX's partial evaluation drops
+    them), and the rest is evaluated. Returns ``fn``'s output pytree."""
+    from jax._src.interpreters import partial_eval as pe
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, True, instantiate=True)
+    outs = _jcore.eval_jaxpr(jaxpr, closed.consts, *jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(shapes), outs)
 
 
 def to_concrete_value(x: Any) -> Any:

@@ -504,10 +504,20 @@ def _remat_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     if node.params.get("prevent_cse", True) and values:
         values = list(lax.optimization_barrier(tuple(values)))  # XLA must not reuse the forward
     diff = [s is not None for s in node.in_slots]
-    policy, replay = node.params.get("policy"), iter(node.residuals)
-    _, tape = _traced_vjp(node.params["jaxpr"], values, diff, None if policy is None else
-                          lambda closed, args: _eval_saving(closed, args, policy, replay))
-    in_cts = iter(backward(tape.nodes, tape.out_slots, list(cts), tape.in_slots))
+    policy = node.params.get("policy")
+
+    def recompute_and_sweep(values: list, saved: list, cts: list) -> list:
+        replay = iter(saved)
+        _, tape = _traced_vjp(node.params["jaxpr"], values, diff, None if policy is None else
+                              lambda closed, args: _eval_saving(closed, args, policy, replay))
+        return backward(tape.nodes, tape.out_slots, cts, tape.in_slots)
+
+    args = (values, list(node.residuals), list(cts))
+    try:  # recompute only what the rules read (what jax.grad recomputes)
+        in_cts = _jax.eval_without_dead_code(recompute_and_sweep, *args)
+    except (_jax.ConcretizationError, WhileLoopError):  # values needed: recompute it all
+        in_cts = recompute_and_sweep(*args)
+    in_cts = iter(in_cts)
     return [next(in_cts) if d else None for d in diff]
 
 
