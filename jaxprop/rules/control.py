@@ -537,6 +537,8 @@ def _eval_saving(closed: Any, args: Sequence[Any], policy: Callable, saved: Any)
         if eqn.primitive.name in ("jit", "pjit", "closed_call"):
             outs = _eval_saving(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")), ins,
                                 policy, saved)
+        elif eqn.primitive.name in ("scan", "cond"):
+            outs = _saved_loop_or_branch(eqn, ins, policy, saved)
         elif _saveable(policy, eqn):
             outs = _saved_outputs(eqn, ins, saved)
         else:
@@ -580,6 +582,50 @@ def _saved_outputs(eqn: Any, ins: list, saved: Any) -> list[Any]:
     outs = trace.record_applied(eqn.primitive, eqn.params, values, slots,
                                 kept if eqn.primitive.multiple_results else kept[0])
     return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+def _saved_loop_or_branch(eqn: Any, ins: list, policy: Callable, saved: Any) -> list[Any]:
+    """A scan or cond under a checkpoint policy, as jax.grad treats it: the policy applies
+    inside the body. Forward: the eqn with its body (branches) checkpointed by ``policy`` runs
+    on a tape of its own; its outputs and that tape (holding per step only the body's inputs
+    and what the policy saves) are kept. Backward: nothing is recomputed here; a node on the
+    current trace sweeps the kept tape, whose steps recompute the rest."""
+    if not isinstance(saved, list):
+        kept = [next(saved) for _ in eqn.outvars]
+        tape = next(saved)
+        trace = _jax.get_current_trace()
+        if not isinstance(trace, JaxpropTrace):
+            return kept
+        values, slots = zip(*map(trace.unwrap, ins)) if ins else ((), ())
+        if all(s is None for s in slots):
+            return kept
+        return trace.record(eqn.primitive, {}, values, slots, kept, _sweep_kept_tape,
+                            residuals=tape, multiple_results=True)
+    params = dict(eqn.params)
+    if "branches" in params:
+        params["branches"] = tuple(_checkpointed(b, policy) for b in params["branches"])
+    else:
+        params["jaxpr"] = _checkpointed(params["jaxpr"], policy)
+    diff = [is_differentiable(_jax.aval_of(x)) for x in ins]
+    bind = lambda _, args: _jax.bind_on(_jax.get_current_trace(), eqn.primitive, args, params)
+    outs, tape = _traced_vjp(None, ins, diff, bind)
+    in_slots = iter(tape.in_slots)
+    tape = Tape(tape.nodes, [next(in_slots) if d else None for d in diff], tape.out_slots)
+    saved.extend(outs)
+    saved.append(tape)
+    return outs
+
+
+def _checkpointed(closed: Any, policy: Callable) -> Any:
+    """``closed`` as one ``jax.checkpoint(·, policy=policy)`` call."""
+    fun = jax.checkpoint(_jax.jaxpr_as_fun(closed), policy=policy)
+    return jax.make_jaxpr(lambda *args: fun(*args))(*closed.in_avals)
+
+
+def _sweep_kept_tape(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """ct_in = the kept tape swept back from ct_out."""
+    tape: Tape = node.residuals
+    return backward(tape.nodes, tape.out_slots, list(cts), tape.in_slots)
 
 
 # -- pass-through ---------------------------------------------------------------------------
