@@ -10,8 +10,9 @@
 - ``while``: reverse mode needs the trip count, so the loop runs step by step while its
   predicate is concrete (eagerly); under ``jax.jit`` a clear error suggests ``lax.scan``.
 - ``remat2`` (``jax.checkpoint``): one node that saves its inputs and, with a checkpoint
-  ``policy``, the outputs of the equations the policy saves; its backward recomputes the rest
-  of the forward on a fresh tape and sweeps it.
+  ``policy``, the outputs of the equations the policy saves (inside scans and conds too); its
+  backward recomputes the rest of the forward on a fresh tape — only what the rules read —
+  and sweeps it.
 - pass-through: ``optimization_barrier``, ``device_put`` and ``name`` hand ct through; debug
   callbacks have no outputs (nothing to differentiate); ``pure_callback`` has no derivative
   (clear error).
@@ -558,7 +559,7 @@ def _saveable(policy: Callable, eqn: Any) -> bool:
     """Whether ``policy`` keeps this equation's outputs (JAX's answers: a bool, Saveable,
     Offloadable — kept on device here — or Recompute)."""
     if eqn.primitive.name in HANDLERS or eqn.primitive.name.startswith("custom_"):
-        return False  # sub-programs (scan, cond, custom rules …) are recomputed
+        return False  # sub-programs (while, custom rules …) are recomputed
     decision = policy(eqn.primitive, *[v.aval for v in eqn.invars], **eqn.params)
     if isinstance(decision, bool):
         return decision
@@ -573,15 +574,23 @@ def _saved_outputs(eqn: Any, ins: list, saved: Any) -> list[Any]:
         saved.extend(outs)
         return outs
     kept = [next(saved) for _ in eqn.outvars]
-    trace = _jax.get_current_trace()
-    if not isinstance(trace, JaxpropTrace):
+    on = _differentiating(ins)
+    if on is None:
         return kept
-    values, slots = zip(*map(trace.unwrap, ins)) if ins else ((), ())
-    if all(s is None for s in slots):
-        return kept
+    trace, values, slots = on
     outs = trace.record_applied(eqn.primitive, eqn.params, values, slots,
                                 kept if eqn.primitive.multiple_results else kept[0])
     return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+def _differentiating(ins: Sequence[Any]) -> tuple | None:
+    """(trace, values, slots) when the current trace is a jaxprop trace to which some of
+    ``ins`` belong (a backward replay records there); else None."""
+    trace = _jax.get_current_trace()
+    if not isinstance(trace, JaxpropTrace):
+        return None
+    values, slots = zip(*map(trace.unwrap, ins)) if ins else ((), ())
+    return None if all(s is None for s in slots) else (trace, values, slots)
 
 
 def _saved_loop_or_branch(eqn: Any, ins: list, policy: Callable, saved: Any) -> list[Any]:
@@ -593,12 +602,10 @@ def _saved_loop_or_branch(eqn: Any, ins: list, policy: Callable, saved: Any) -> 
     if not isinstance(saved, list):
         kept = [next(saved) for _ in eqn.outvars]
         tape = next(saved)
-        trace = _jax.get_current_trace()
-        if not isinstance(trace, JaxpropTrace):
+        on = _differentiating(ins)
+        if on is None:
             return kept
-        values, slots = zip(*map(trace.unwrap, ins)) if ins else ((), ())
-        if all(s is None for s in slots):
-            return kept
+        trace, values, slots = on
         return trace.record(eqn.primitive, {}, values, slots, kept, _sweep_kept_tape,
                             residuals=tape, multiple_results=True)
     params = dict(eqn.params)
