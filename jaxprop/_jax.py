@@ -36,6 +36,7 @@ set_current_trace = _xcore.set_current_trace
 take_current_trace = _xcore.take_current_trace
 eval_jaxpr = _jcore.eval_jaxpr
 SourceInfo = Any
+ConcretizationError = jax.errors.ConcretizationTypeError
 _xla_traceback = _xla_client.Traceback.get_traceback
 
 # jaxprop's own frames are not the user's: error messages point past them.
@@ -86,6 +87,35 @@ class Symbolic:
 
     def __repr__(self) -> str:
         return f"Symbolic({self.aval.str_short()})"
+
+
+def is_valid_jaxtype(x: Any) -> bool:
+    """Whether ``x`` can be a JAX value (object-dtype arrays, strings … cannot)."""
+    return _core.valid_jaxtype(x)
+
+
+def cotangent_type_error(ct: Any, out_aval: Any) -> str | None:
+    """JAX's message if ``ct`` cannot be the cotangent of an output of type ``out_aval``
+    (shape or dtype differ; weak types and float0 outputs are lenient, as in ``jax.vjp``)."""
+    got, expected = _core.typeof(ct), out_aval.to_ct_aval()
+    if _core.typecompat(got, expected) or (
+            getattr(got, "shape", None) == expected.shape and expected.dtype == float0):
+        return None
+    return ("unexpected JAX type (e.g. shape/dtype) for argument to VJP function: "
+            f"got {got.str_short()}, but expected {expected.str_short()} because the "
+            f"corresponding output of the differentiated function had JAX type "
+            f"{out_aval.str_short()}")
+
+
+def eval_without_dead_code(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on the current trace with only the work its outputs need: ``fn`` is
+    staged to a jaxpr, dead equations are dropped (as JAX's partial evaluation drops
+    them), and the rest is evaluated. Returns ``fn``'s output pytree."""
+    from jax._src.interpreters import partial_eval as pe
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, True, instantiate=True)
+    outs = _jcore.eval_jaxpr(jaxpr, closed.consts, *jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(shapes), outs)
 
 
 def to_concrete_value(x: Any) -> Any:
@@ -226,6 +256,18 @@ def source_scope(source: Any) -> str:
     """The ``jax.named_scope`` / Flax module path active where ``source`` was taken ('a/b')."""
     info = source.info if isinstance(source, Source) else source
     return str(getattr(info, "name_stack", "") or "")
+
+
+def backward_scope(source: Any, name: str) -> Any:
+    """A context in which a node's backward ops carry its forward op's name scope, as
+    ``transpose(<forward scope>)/<primitive>`` (jax.grad's read ``transpose(jvp(<scope>))``):
+    a profile or the HLO shows which forward op each backward op belongs to."""
+    info = source.info if isinstance(source, Source) else source
+    forward = getattr(info, "name_stack", None) or _source_info.NameStack()
+    current = _source_info.current_name_stack()
+    if forward.stack[:len(current.stack)] == current.stack:  # the scopes both are inside
+        forward = forward[len(current.stack):]
+    return _source_info.set_name_stack(current.transform("transpose") + forward.extend(name))
 
 
 def identity_primitive(name: str, transpose: Any) -> Any:

@@ -26,10 +26,12 @@ Argnums = int | Sequence[int]
 
 
 # -- the core: trace once, pull back many times -------------------------------------------
-def _trace(fun: Callable, primals: Sequence[Any], has_aux: bool
+def _trace(fun: Callable, primals: Sequence[Any], has_aux: bool, name: str | None = None
            ) -> tuple[Any, Callable[[Any], tuple], Any]:
-    """Run ``fun(*primals)`` on a tape; return (output, pullback, aux)."""
+    """Run ``fun(*primals)`` on a tape; return (output, pullback, aux). ``name``: the
+    function's name in the pullback's error messages (default: ``fun``'s)."""
     leaves, in_tree = tree_flatten(primals)
+    _check_args(leaves)
     diff = [is_differentiable(_jax.aval_of(x)) for x in leaves]
     diff_leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x)
                    for x, d in zip(leaves, diff) if d]
@@ -42,8 +44,8 @@ def _trace(fun: Callable, primals: Sequence[Any], has_aux: bool
     trace, tracers, result = run_traced(flat_fun, diff_leaves)
     if has_aux:
         if not (isinstance(result, (tuple, list)) and len(result) == 2):
-            raise TypeError("has_aux=True requires the function to return a pair (output, aux),"
-                            f" but it returned {type(result).__name__}.")
+            raise TypeError("expected function with aux output to return a two-element "
+                            f"tuple, but got type {type(result)} with value {result!r}")
         out, aux = result
         aux = tree_map(lambda x: trace.unwrap(x)[0], aux)
     else:
@@ -52,7 +54,7 @@ def _trace(fun: Callable, primals: Sequence[Any], has_aux: bool
     out_values, out_slots = zip(*map(trace.unwrap, out_leaves)) if out_leaves else ((), ())
     in_slots = iter(t.slot for t in tracers)
     tape = Tape(trace.nodes, [next(in_slots) if d else None for d in diff], out_slots)
-    static = functools.partial(_pullback, in_tree=in_tree, in_specs=leaves_like(leaves))
+    static = _VjpFunction(name or _name_of(fun), in_tree, leaves_like(leaves))
     pullback = Partial(static, tape, tree_unflatten(out_tree, list(out_values)))
     return tree_unflatten(out_tree, list(out_values)), pullback, aux
 
@@ -62,17 +64,69 @@ def leaves_like(leaves: Sequence[Any]) -> list[Any]:
     return [_jax.aval_of(x) for x in leaves]
 
 
-def _pullback(tape: Tape, out: Any, cotangent: Any, *, in_tree: Any, in_specs: Any) -> tuple:
-    """Cotangents of the primals, given the output's cotangent (same structure as output)."""
-    ct_leaves, ct_tree = tree_flatten(cotangent)
-    if ct_tree != tree_structure(out):
-        raise ValueError("The cotangent must have the same pytree structure as the function's "
-                         f"output: expected {tree_structure(out)}, got {ct_tree}.")
-    for ct, o in zip(ct_leaves, tree_flatten(out)[0]):
-        if np.shape(ct) != np.shape(o):
-            raise ValueError(f"Cotangent shape {np.shape(ct)} does not match the output's "
-                             f"shape {np.shape(o)}.")
-    return tuple(tree_unflatten(in_tree, sweep(tape, ct_leaves, in_specs)))
+def _name_of(fun: Any) -> str:
+    fun = getattr(fun, "func", fun)  # functools.partial
+    return getattr(fun, "__name__", None) or type(fun).__name__
+
+
+class _VjpFunction:
+    """The static part of a ``vjp_fn``: called as ``vjp_fn(cotangent)`` it pulls the
+    cotangent of the output back through the tape to the primals."""
+
+    __slots__ = ("name", "in_tree", "in_specs")
+
+    def __init__(self, name: str, in_tree: Any, in_specs: list) -> None:
+        self.name, self.in_tree, self.in_specs = name, in_tree, in_specs
+
+    def __call__(self, tape: Tape, out: Any, *cotangent: Any) -> tuple:
+        if len(cotangent) != 1:
+            raise TypeError(_VJP_ARITY.format(self.name, len(cotangent)))
+        ct_leaves = self._checked(out, cotangent[0])
+        return tuple(tree_unflatten(self.in_tree, sweep(tape, ct_leaves, self.in_specs)))
+
+    def _checked(self, out: Any, cotangent: Any) -> list[Any]:
+        """The cotangent's leaves as arrays of the outputs' dtypes; JAX's errors for a wrong
+        structure, shape or dtype."""
+        ct_leaves, ct_tree = tree_flatten(cotangent)
+        out_leaves, out_tree = tree_flatten(out)
+        if ct_tree != out_tree:
+            raise ValueError(
+                "unexpected tree structure.\n\nThe argument to a VJP function returned by "
+                "`jaxprop.vjp` must match the pytree structure of the differentiated function "
+                f"{self.name}: expected {out_tree}, got {ct_tree}.")
+        checked = []
+        for ct, o in zip(ct_leaves, out_leaves):
+            out_aval = _jax.aval_of(o)
+            error = _jax.cotangent_type_error(ct, out_aval)
+            if error is not None:
+                raise ValueError(error)
+            if not isinstance(ct, jax.Array) or ct.dtype != out_aval.dtype:
+                if is_differentiable(out_aval):  # Python scalars, weakly typed arrays
+                    ct = jnp.asarray(ct, out_aval.dtype)
+            checked.append(ct)
+        return checked
+
+
+_VJP_ARITY = """
+The function returned by `jaxprop.vjp` applied to {} was called with {} arguments,
+but functions returned by `jaxprop.vjp` must be called with a single argument
+corresponding to the single value returned by the function being differentiated
+(even if that returned value is a tuple or other container).
+
+For example, if we have:
+
+  def f(x):
+    return (x, x)
+  _, f_vjp = jaxprop.vjp(f, 1.0)
+
+the function `f` returns a single tuple as output, and so we call `f_vjp` with a
+single tuple as its argument:
+
+  x_bar, = f_vjp((2.0, 2.0))
+
+If we instead call `f_vjp(2.0, 2.0)`, with the values 'splatted out' as
+arguments rather than in a tuple, this error can arise.
+"""
 
 
 def _unit(dtype: Any) -> Any:
@@ -112,7 +166,7 @@ def value_and_grad(fun: Callable, argnums: Argnums = 0, has_aux: bool = False,
     def value_and_grad_f(*args: Any, **kwargs: Any) -> Any:
         nums = _check_argnums(argnums, len(args))
         chosen = tuple(args[i] for i in nums)
-        _check_inputs(chosen, holomorphic, allow_int)
+        _check_inputs("grad", chosen, holomorphic, allow_int)
 
         def partial_fun(*diff_args: Any) -> Any:
             full = list(args)
@@ -159,7 +213,7 @@ def jacrev(fun: Callable, argnums: Argnums = 0, has_aux: bool = False,
     def jacfun(*args: Any, **kwargs: Any) -> Any:
         nums = _check_argnums(argnums, len(args))
         chosen = tuple(args[i] for i in nums)
-        _check_inputs(chosen, holomorphic, allow_int)
+        _check_inputs("jacrev", chosen, holomorphic, allow_int)
 
         def partial_fun(*diff_args: Any) -> Any:
             full = list(args)
@@ -168,6 +222,7 @@ def jacrev(fun: Callable, argnums: Argnums = 0, has_aux: bool = False,
             return fun(*full, **kwargs)
 
         out, pullback, aux = _trace(partial_fun, chosen, has_aux)
+        _check_output_dtype("jacrev", out, holomorphic)
         jac = _jacobian_from_pullback(out, pullback, isinstance(argnums, int))
         return (jac, aux) if has_aux else jac
 
@@ -208,23 +263,40 @@ def _check_argnums(argnums: Argnums, nargs: int) -> tuple[int, ...]:
     for i in nums:
         if not isinstance(i, (int, np.integer)):
             raise TypeError(f"argnums must be an int or a tuple of ints, got {argnums!r}.")
-        if not -nargs <= i < nargs:
-            raise ValueError(f"argnums {argnums!r} out of bounds for a function called with "
-                             f"{nargs} positional argument(s).")
-    return tuple(int(i) % nargs for i in nums)
+    most = max(nums, default=0)
+    if most >= nargs:
+        raise TypeError(f"differentiating with respect to argnums={argnums} requires at least "
+                        f"{most + 1} positional arguments to be passed by the caller, but got "
+                        f"only {nargs} positional arguments.")
+    if any(i < -nargs for i in nums):
+        raise TypeError(f"argnums={argnums} is out of bounds for a function called with "
+                        f"{nargs} positional arguments.")
+    normal = tuple(int(i) % nargs for i in nums)
+    if len(set(normal)) != len(normal):  # JAX fails here too (with an internal TypeError)
+        raise TypeError(f"argnums={argnums} names an argument more than once; differentiate "
+                        "with respect to each argument once and reuse its gradient.")
+    return normal
 
 
-def _check_inputs(args: tuple, holomorphic: bool, allow_int: bool) -> None:
-    for x in tree_flatten(args)[0]:
+def _check_args(leaves: Sequence[Any]) -> None:
+    for x in leaves:
+        if not _jax.is_valid_jaxtype(x):
+            raise TypeError(f"Argument '{x}' of type {type(x)} is not a valid JAX type.")
+
+
+def _check_inputs(name: str, args: tuple, holomorphic: bool, allow_int: bool) -> None:
+    leaves = tree_flatten(args)[0]
+    _check_args(leaves)
+    for x in leaves:
         dtype = _jax.aval_of(x).dtype
         if holomorphic and not jnp.issubdtype(dtype, jnp.complexfloating):
-            raise TypeError("grad with holomorphic=True requires inputs with complex dtype, "
-                            f"but got {dtype.name}.")
+            raise TypeError(f"{name} with holomorphic=True requires inputs with complex "
+                            f"dtype, but got {dtype.name}.")
         if not allow_int and not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                "grad requires real- or complex-valued inputs (input dtype that is a sub-dtype "
-                f"of np.inexact), but got {dtype.name}. If you want to use Boolean- or "
-                "integer-valued inputs, use vjp or set allow_int to True.")
+                f"{name} requires real- or complex-valued inputs (input dtype that is a "
+                f"sub-dtype of np.inexact), but got {dtype.name}. If you want to use Boolean- "
+                "or integer-valued inputs, use vjp or set allow_int to True.")
 
 
 def _check_scalar_output(out: Any, holomorphic: bool) -> None:
@@ -235,10 +307,27 @@ def _check_scalar_output(out: Any, holomorphic: bool) -> None:
     if aval.shape != ():
         raise TypeError("Gradient only defined for scalar-output functions. "
                         f"Output had shape: {aval.shape}.")
-    if not holomorphic and not jnp.issubdtype(aval.dtype, jnp.floating):
-        raise TypeError("grad requires real-valued outputs (output dtype that is a sub-dtype "
-                        f"of np.floating), but got {aval.dtype.name}. For holomorphic "
-                        "differentiation, pass holomorphic=True. For differentiating "
-                        "non-holomorphic functions involving complex outputs, use jax.vjp "
-                        "directly.")
+    _check_output_dtype("grad", out, holomorphic)
 
+
+def _check_output_dtype(name: str, out: Any, holomorphic: bool) -> None:
+    """Reverse mode of ``grad`` / ``jacrev`` needs real outputs, or complex ones with
+    ``holomorphic=True`` (else ``jax.vjp``): JAX's rule and messages."""
+    for leaf in tree_flatten(out)[0]:
+        dtype = _jax.aval_of(leaf).dtype
+        complex_out = jnp.issubdtype(dtype, jnp.complexfloating)
+        if holomorphic and not complex_out:
+            raise TypeError(f"{name} with holomorphic=True requires outputs with complex "
+                            f"dtype, but got {dtype.name}.")
+        if not holomorphic and complex_out:
+            raise TypeError(
+                f"{name} requires real-valued outputs (output dtype that is a sub-dtype of "
+                f"np.floating), but got {dtype.name}. For holomorphic differentiation, pass "
+                "holomorphic=True. For differentiation of non-holomorphic functions involving "
+                "complex outputs, use jax.vjp directly.")
+        if not holomorphic and not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name} requires real-valued outputs (output dtype that is a sub-dtype of "
+                f"np.floating), but got {dtype.name}. For holomorphic differentiation, pass "
+                "holomorphic=True. For differentiation of non-holomorphic functions involving "
+                "complex outputs, use jax.vjp directly.")

@@ -9,7 +9,9 @@ rule, with the rules' elementwise work fused. The result is the same sweep, trac
 
 The same holds under ``jax.vmap`` of eager code (the compiled sweep is batched). The sweep
 stays per node, as written, when user Python runs inside it or must see it: tapes holding
-hooks or tags, ``custom_vjp`` backward functions (their nodes never compare equal), sweeps
+hooks or tags, ``custom_vjp`` backward functions (their nodes never compare equal), the
+user's own ``custom_jvp`` rules (they may read Python state; JAX's eager grad re-runs them on
+every call, and so does this sweep — JAX's own rules, ``jax.nn.relu`` …, are compiled), sweeps
 inside :func:`~jaxprop.inlining` (explain, the NaN search) or an ``override`` block, and
 sweeps under ``jax.jit`` or another jaxprop trace (there they are compiled with the rest).
 A rule that needs concrete values makes its structure fall back to per node, once. Tapes of

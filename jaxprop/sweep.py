@@ -8,7 +8,8 @@ A value read by several nodes receives the **sum** of their downstream cotangent
 gate). A slot with no entry is a symbolic zero: nodes whose outputs all have zero cotangent
 are skipped, and nothing is ever materialised for them. Rules bind on the current trace, so
 the sweep itself is traceable: under ``jax.jit`` it becomes part of the compiled program, and
-under an outer jaxprop trace it is differentiated again (higher order).
+under an outer jaxprop trace it is differentiated again (higher order). Each rule's ops carry
+the forward op's name scope, ``transpose(<scope>)/<primitive>``, in jaxprs, HLO and profiles.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 from jax import lax
 
+from jaxprop import _jax
 from jaxprop.registry import Cotangent, Node
 
 # Hooks that observe each node's cotangents during a sweep (explain / NaN search use them).
@@ -70,7 +72,8 @@ def backward(nodes: Sequence[Node], out_slots: Sequence[int | None],
         node_cts = [cts.pop(s, None) if s is not None else None for s in node.out_slots]
         if all(ct is None for ct in node_cts):
             continue
-        in_cts = _apply_rule(node, node_cts, mesh)
+        with _jax.backward_scope(node.source, node.name):
+            in_cts = _apply_rule(node, node_cts, mesh)
         if observer is not None:
             observer(node, node_cts, in_cts)
         for slot, ct in zip(node.in_slots, in_cts):

@@ -143,6 +143,12 @@ class JaxpropTrace(_jax.Trace):
     def stage_value(self, val: Any) -> Any:  # pragma: no cover - used by JAX's staging
         return self.parent.stage_value(self.unwrap(val)[0])
 
+    def release(self) -> list[Node]:
+        """End the trace: invalidate it, forget the parent and hand over the nodes."""
+        self.invalidate()
+        nodes, self.nodes, self.parent = self.nodes, [], None
+        return nodes
+
     # -- recording ------------------------------------------------------------------------
     def record(self, primitive: Any, params: dict, inputs: Sequence[Any],
                in_slots: Sequence[int | None], outputs: Any, rule: NodeRule,
@@ -251,6 +257,10 @@ class LinearTrace(JaxpropTrace):
     ``ct ↦ Jᵀ ct``; rules never read a tangent's value, because the map is linear in it.
     """
 
+    def __init__(self, parent: Any, rule_name: str = "custom_jvp") -> None:
+        super().__init__(parent)
+        self.rule_name = rule_name
+
     def new_symbolic_input(self, aval: Any) -> JaxpropTracer:
         """A fresh tangent input of type ``aval``."""
         return self.new_input(_jax.Symbolic(aval))
@@ -259,6 +269,8 @@ class LinearTrace(JaxpropTrace):
         values, slots = zip(*map(self.unwrap, tracers)) if tracers else ((), ())
         if all(s is None for s in slots):
             return _jax.bind_on(self.parent, primitive, values, params)
+        if not _linear_use(primitive.name, slots):
+            raise self.nonlinear_error(primitive.name)
         special = HANDLERS.get(primitive.name)
         if special is not None:
             return special(self, primitive, tracers, params)
@@ -291,6 +303,39 @@ class LinearTrace(JaxpropTrace):
     def _touches_tangents(self, tracers: Sequence[Any]) -> bool:
         return any(self.unwrap(t)[1] is not None for t in tracers)
 
+    def nonlinear_error(self, name: str) -> NotImplementedError:
+        """What JAX says (no transpose rule for ``name``), which rule, where, and why."""
+        where = _jax.source_summary(_jax.current_source())
+        return NotImplementedError(
+            f"Transpose rule (for reverse-mode differentiation) for '{name}' not implemented: "
+            f"the custom_jvp rule of {self.rule_name} applies '{name}' to a tangent"
+            + (f" at {where}" if where else "") + ", so its tangent output is not linear in "
+            "the tangent inputs and has no transpose. A JVP rule must be linear in its "
+            "tangents (apply non-linear functions to the primals only), or define the "
+            "derivative with jax.custom_vjp instead.")
+
+
+# Primitives that are not linear in any operand; and those linear in each operand separately
+# (bilinear: not linear when two operands are tangents), or only in the first (div).
+_NONLINEAR = frozenset({
+    "abs", "acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "cos", "cosh",
+    "cummax", "cummin", "cumlogsumexp", "cumprod", "digamma", "erf", "erf_inv", "erfc", "exp",
+    "exp2", "expm1", "integer_pow", "lgamma", "log", "log1p", "logistic", "max", "min", "pow",
+    "reduce_max", "reduce_min", "reduce_prod", "rem", "rsqrt", "sin", "sinh", "sqrt",
+    "square", "tan", "tanh"})
+_BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated", "ragged_dot_general"})
+
+
+def _linear_use(name: str, slots: Sequence[int | None]) -> bool:
+    """Whether applying ``name`` with tangents at the non-None ``slots`` is linear in them."""
+    if name in _NONLINEAR:
+        return False
+    if name in _BILINEAR:
+        return sum(s is not None for s in slots) <= 1
+    if name == "div":
+        return slots[1] is None
+    return True
+
 
 _FORCE_INLINE = [0]
 
@@ -315,11 +360,13 @@ def inlining_forced() -> bool:
 
 
 def run_traced(fun: Callable[..., Any], values: Sequence[Any], *,
-               parent: Any = None) -> tuple[JaxpropTrace, list[JaxpropTracer], Any]:
+               parent: Any = None) -> tuple[Recording, list[JaxpropTracer], Any]:
     """Run ``fun(*tracers)`` under a new trace whose inputs hold ``values``.
 
-    Returns the trace (with its tape), the input tracers and ``fun``'s raw output. The trace is
-    invalidated afterwards so leaked tracers raise JAX's escaped-tracer error.
+    Returns the recording (the trace's nodes, and ``unwrap``), the input tracers and ``fun``'s
+    raw output. The trace is invalidated and released afterwards: leaked tracers raise JAX's
+    escaped-tracer error, and a trace JAX keeps alive (jaxprs it caches, e.g. for
+    ``jax.checkpoint``, remember the trace they were traced under) holds no values.
     """
     if parent is None:
         with _jax.take_current_trace() as parent:
@@ -330,8 +377,21 @@ def run_traced(fun: Callable[..., Any], values: Sequence[Any], *,
         with _jax.set_current_trace(trace):
             out = fun(*tracers)
     finally:
-        trace.invalidate()
-    return trace, tracers, out
+        nodes = trace.release()
+    return Recording(trace, nodes), tracers, out
+
+
+class Recording:
+    """What a finished trace recorded: its ``nodes``, and ``unwrap`` for its tracers."""
+
+    __slots__ = ("nodes", "_trace")
+
+    def __init__(self, trace: JaxpropTrace, nodes: list[Node]) -> None:
+        self.nodes, self._trace = nodes, trace
+
+    def unwrap(self, x: Any) -> tuple[Any, int | None]:
+        """(parent-level value, slot) of ``x``; slot None for values of other traces."""
+        return self._trace.unwrap(x)
 
 
 def zeros_like_value(value: Any) -> Any:

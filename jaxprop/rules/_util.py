@@ -48,6 +48,18 @@ def instantiate(ct: Any, like: Any) -> Any:
     return jnp.zeros(aval.shape, aval.dtype)
 
 
+def inputs_reaching(jaxpr: Any, wanted: Any, effects: bool = False) -> list[bool]:
+    """Which inputs of ``jaxpr`` may reach an output flagged in ``wanted`` (reverse liveness;
+    ``effects``: also inputs of effectful equations). An input reaching none of the outputs
+    whose cotangent is nonzero gets a symbolic-zero cotangent."""
+    from jax.extend.core import Literal
+    live = {v for v, w in zip(jaxpr.outvars, wanted) if w and not isinstance(v, Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if (effects and eqn.effects) or any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, Literal))
+    return [v in live for v in jaxpr.invars]
+
+
 def shape_of(x: Any) -> tuple[int, ...]:
     """Static shape of an array, tracer or Python scalar."""
     return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)

@@ -12,8 +12,9 @@
   a traced predicate (under ``jax.jit``) it is one node that keeps at most C carries and
   recomputes the rest in its backward pass (:mod:`jaxprop.rules.loops`).
 - ``remat2`` (``jax.checkpoint``): one node that saves its inputs and, with a checkpoint
-  ``policy``, the outputs of the equations the policy saves; its backward recomputes the rest
-  of the forward on a fresh tape and sweeps it.
+  ``policy``, the outputs of the equations the policy saves (inside scans and conds too); its
+  backward recomputes the rest of the forward on a fresh tape — only what the rules read —
+  and sweeps it.
 - pass-through: ``optimization_barrier``, ``device_put`` and ``name`` hand ct through; debug
   callbacks have no outputs (nothing to differentiate); ``pure_callback`` has no derivative
   (clear error).
@@ -37,7 +38,7 @@ from jax.tree_util import tree_flatten, tree_unflatten
 from jaxprop import _jax
 from jaxprop.checkpointing import budget
 from jaxprop.registry import OVERRIDES, Cotangent, Node, defvjp, noderule
-from jaxprop.rules._util import convert_like
+from jaxprop.rules._util import convert_like, inputs_reaching
 from jaxprop.collect import COLLECTORS, TagCollector, loop_step, sub_collector
 from jaxprop.rules.custom import eval_on, has_marker, inline_call, typed_outputs
 from jaxprop.sweep import SWEEP_CHECKS, backward
@@ -273,16 +274,7 @@ def _live_residuals(layout: _Layout, residuals: list, xs: list, fixed: list, out
     spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), _jax.aval_of(x).dtype)
     cts = [spec(o) if s is not None else None for o, s in zip(outs, layout.out_slots)]
     jaxpr = jax.make_jaxpr(sweep)(list(map(spec, residuals)), list(map(spec, xs)), cts).jaxpr
-    return _used_inputs(jaxpr)[:len(residuals)]
-
-
-def _used_inputs(jaxpr: Any) -> list[bool]:
-    """Which inputs of ``jaxpr`` reach an output or an effect (reverse liveness)."""
-    live = {v for v in jaxpr.outvars if not isinstance(v, _xcore.Literal)}
-    for eqn in reversed(jaxpr.eqns):
-        if eqn.effects or any(v in live for v in eqn.outvars):
-            live.update(v for v in eqn.invars if not isinstance(v, _xcore.Literal))
-    return [v in live for v in jaxpr.invars]
+    return inputs_reaching(jaxpr, [True] * len(jaxpr.outvars), effects=True)[:len(residuals)]
 
 
 def _hoist_invariants(trace: JaxpropTrace, closed: Any, consts: Sequence[Any]
@@ -325,6 +317,21 @@ def _scan_diff(jaxpr: Any, slots: Sequence[Any], n_c: int, n_k: int) -> list[boo
         diff[n_c:n_c + n_k] = new
 
 
+def _scan_reached(jaxpr: Any, carry_ct: list[bool], ys_ct: Sequence[int], n_c: int, n_k: int
+                  ) -> list[bool]:
+    """Which body inputs a nonzero cotangent can reach, over any number of steps: carries by
+    fixpoint. The others keep a symbolic zero (as JAX's), so a zero never meets an infinite
+    derivative (sqrt at 0) of whatever produced them."""
+    ys = set(ys_ct)
+    wanted = carry_ct + [j in ys for j in range(len(jaxpr.outvars) - n_k)]
+    while True:
+        reached = inputs_reaching(jaxpr, wanted)
+        carry = [w or r for w, r in zip(wanted[:n_k], reached[n_c:n_c + n_k])]
+        if carry == wanted[:n_k]:
+            return reached
+        wanted[:n_k] = carry
+
+
 def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     """Reverse scan of the body's VJP: ct_carry flows back step by step, Σ_t ct_consts(t),
     ct_xs[t] as ys."""
@@ -332,12 +339,15 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     n_c, n_k, diff = p["num_consts"], p["num_carry"], p["diff"]
     values = node.inputs
     stacked, fixed = node.residuals
-    carry_d = [i for i in range(n_c, n_c + n_k) if diff[i]]
-    const_d = [i for i in range(n_c) if diff[i] and node.in_slots[i] is not None]
-    xs_d = [i for i in range(n_c + n_k, len(values)) if diff[i] and node.in_slots[i] is not None]
     layout: _Layout = p["layout"]
     ys_ct = [j for j in range(len(cts) - n_k) if cts[n_k + j] is not None
              and layout.out_slots[n_k + j] is not None]
+    reached = _scan_reached(p["jaxpr"].jaxpr, [ct is not None for ct in cts[:n_k]], ys_ct,
+                            n_c, n_k)
+    carry_d = [i for i in range(n_c, n_c + n_k) if diff[i] and reached[i]]
+    const_d = [i for i in range(n_c) if diff[i] and reached[i] and node.in_slots[i] is not None]
+    xs_d = [i for i in range(n_c + n_k, len(values))
+            if diff[i] and reached[i] and node.in_slots[i] is not None]
     position = {i: k for k, i in enumerate(i for i in range(len(values)) if diff[i])}
 
     def step(carry: tuple, x: tuple) -> tuple:
@@ -431,6 +441,9 @@ def _cond_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     p, (index, *ops) = node.params, node.inputs
     residuals, fixed = node.residuals
     present = [j for j, ct in enumerate(cts) if ct is not None]
+    wanted = [ct is not None for ct in cts]  # ops no branch passes a cotangent to get None
+    reached = [any(r) for r in zip(*(inputs_reaching(b.jaxpr, wanted) for b in p["branches"]))]
+    diff = [d and r for d, r in zip(p["diff"], reached)]
 
     def branch_vjp(i: int, tag_types: dict | None) -> Callable:
         def vjp(ops: list, residuals: list, cts_present: list) -> tuple:
@@ -446,10 +459,11 @@ def _cond_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
                 got = {k: jnp.zeros(t.shape, t.dtype) if got.get(k) is None
                        else lax.convert_element_type(got[k], t.dtype)
                        for k, t in tag_types.items()}
-            return [_ct_for(ct, v) for ct, v in zip(in_cts, (o for o, d in zip(ops, p["diff"])
-                                                              if d))], got
+            diff_ops = [o for o, d in zip(ops, p["diff"]) if d]
+            return [_ct_for(ct, o) for ct, o, r in zip(in_cts, diff_ops, reaching) if r], got
         return vjp
 
+    reaching = [r for d, r in zip(p["diff"], reached) if d]
     args = (ops, list(residuals), [cts[j] for j in present])
     n = len(p["layouts"])
     tag_types: dict = {}
@@ -460,7 +474,7 @@ def _cond_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     for key, ct in tag_cts.items():
         COLLECTORS[-1].add(key, ct)
     in_cts = iter(in_cts)
-    return [None] + [next(in_cts) if d else None for d in p["diff"]]
+    return [None] + [next(in_cts) if d else None for d in diff]
 
 
 # -- while ----------------------------------------------------------------------------------
@@ -534,10 +548,20 @@ def _remat_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     if node.params.get("prevent_cse", True) and values:
         values = list(lax.optimization_barrier(tuple(values)))  # XLA must not reuse the forward
     diff = [s is not None for s in node.in_slots]
-    policy, replay = node.params.get("policy"), iter(node.residuals)
-    _, tape = _traced_vjp(node.params["jaxpr"], values, diff, None if policy is None else
-                          lambda closed, args: _eval_saving(closed, args, policy, replay))
-    in_cts = iter(backward(tape.nodes, tape.out_slots, list(cts), tape.in_slots))
+    policy = node.params.get("policy")
+
+    def recompute_and_sweep(values: list, saved: list, cts: list) -> list:
+        replay = iter(saved)
+        _, tape = _traced_vjp(node.params["jaxpr"], values, diff, None if policy is None else
+                              lambda closed, args: _eval_saving(closed, args, policy, replay))
+        return backward(tape.nodes, tape.out_slots, cts, tape.in_slots)
+
+    args = (values, list(node.residuals), list(cts))
+    try:  # recompute only what the rules read (what jax.grad recomputes)
+        in_cts = _jax.eval_without_dead_code(recompute_and_sweep, *args)
+    except (_jax.ConcretizationError, WhileLoopError):  # values needed: recompute it all
+        in_cts = recompute_and_sweep(*args)
+    in_cts = iter(in_cts)
     return [next(in_cts) if d else None for d in diff]
 
 
@@ -557,6 +581,8 @@ def _eval_saving(closed: Any, args: Sequence[Any], policy: Callable, saved: Any)
         if eqn.primitive.name in ("jit", "pjit", "closed_call"):
             outs = _eval_saving(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")), ins,
                                 policy, saved)
+        elif eqn.primitive.name in ("scan", "cond"):
+            outs = _saved_loop_or_branch(eqn, ins, policy, saved)
         elif _saveable(policy, eqn):
             outs = _saved_outputs(eqn, ins, saved)
         else:
@@ -576,7 +602,7 @@ def _saveable(policy: Callable, eqn: Any) -> bool:
     """Whether ``policy`` keeps this equation's outputs (JAX's answers: a bool, Saveable,
     Offloadable — kept on device here — or Recompute)."""
     if eqn.primitive.name in HANDLERS or eqn.primitive.name.startswith("custom_"):
-        return False  # sub-programs (scan, cond, custom rules …) are recomputed
+        return False  # sub-programs (while, custom rules …) are recomputed
     decision = policy(eqn.primitive, *[v.aval for v in eqn.invars], **eqn.params)
     if isinstance(decision, bool):
         return decision
@@ -591,15 +617,65 @@ def _saved_outputs(eqn: Any, ins: list, saved: Any) -> list[Any]:
         saved.extend(outs)
         return outs
     kept = [next(saved) for _ in eqn.outvars]
-    trace = _jax.get_current_trace()
-    if not isinstance(trace, JaxpropTrace):
+    on = _differentiating(ins)
+    if on is None:
         return kept
-    values, slots = zip(*map(trace.unwrap, ins)) if ins else ((), ())
-    if all(s is None for s in slots):
-        return kept
+    trace, values, slots = on
     outs = trace.record_applied(eqn.primitive, eqn.params, values, slots,
                                 kept if eqn.primitive.multiple_results else kept[0])
     return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+def _differentiating(ins: Sequence[Any]) -> tuple | None:
+    """(trace, values, slots) when the current trace is a jaxprop trace to which some of
+    ``ins`` belong (a backward replay records there); else None."""
+    trace = _jax.get_current_trace()
+    if not isinstance(trace, JaxpropTrace):
+        return None
+    values, slots = zip(*map(trace.unwrap, ins)) if ins else ((), ())
+    return None if all(s is None for s in slots) else (trace, values, slots)
+
+
+def _saved_loop_or_branch(eqn: Any, ins: list, policy: Callable, saved: Any) -> list[Any]:
+    """A scan or cond under a checkpoint policy, as jax.grad treats it: the policy applies
+    inside the body. Forward: the eqn with its body (branches) checkpointed by ``policy`` runs
+    on a tape of its own; its outputs and that tape (holding per step only the body's inputs
+    and what the policy saves) are kept. Backward: nothing is recomputed here; a node on the
+    current trace sweeps the kept tape, whose steps recompute the rest."""
+    if not isinstance(saved, list):
+        kept = [next(saved) for _ in eqn.outvars]
+        tape = next(saved)
+        on = _differentiating(ins)
+        if on is None:
+            return kept
+        trace, values, slots = on
+        return trace.record(eqn.primitive, {}, values, slots, kept, _sweep_kept_tape,
+                            residuals=tape, multiple_results=True)
+    params = dict(eqn.params)
+    if "branches" in params:
+        params["branches"] = tuple(_checkpointed(b, policy) for b in params["branches"])
+    else:
+        params["jaxpr"] = _checkpointed(params["jaxpr"], policy)
+    diff = [is_differentiable(_jax.aval_of(x)) for x in ins]
+    bind = lambda _, args: _jax.bind_on(_jax.get_current_trace(), eqn.primitive, args, params)
+    outs, tape = _traced_vjp(None, ins, diff, bind)
+    in_slots = iter(tape.in_slots)
+    tape = Tape(tape.nodes, [next(in_slots) if d else None for d in diff], tape.out_slots)
+    saved.extend(outs)
+    saved.append(tape)
+    return outs
+
+
+def _checkpointed(closed: Any, policy: Callable) -> Any:
+    """``closed`` as one ``jax.checkpoint(·, policy=policy)`` call."""
+    fun = jax.checkpoint(_jax.jaxpr_as_fun(closed), policy=policy)
+    return jax.make_jaxpr(lambda *args: fun(*args))(*closed.in_avals)
+
+
+def _sweep_kept_tape(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
+    """ct_in = the kept tape swept back from ct_out."""
+    tape: Tape = node.residuals
+    return backward(tape.nodes, tape.out_slots, list(cts), tape.in_slots)
 
 
 # -- pass-through ---------------------------------------------------------------------------

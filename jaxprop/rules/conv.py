@@ -37,11 +37,21 @@ def _in_spec_order(operand, spec):
     layout the cotangent convolution produces before its final transpose)."""
     sharding = sharding_of(operand)
     return None if sharding is None else respec(sharding, [sharding.spec[a] for a in spec])
+def _empty(*arrays) -> bool:
+    """An operand or the output has no elements: every cotangent is zero (XLA cannot lower
+    the transposed convolutions of zero-length windows)."""
+    return any(0 in np.shape(a) for a in arrays)
+
+
+def _zeros_like(x):
+    return lax.full(np.shape(x), 0, x.dtype)
 
 
 def _conv_lhs(ct, out, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
               dimension_numbers, feature_group_count, batch_group_count, precision, **_):
     """∂lhs = conv(dilate(ct, s), flip(w)ᵀ) with stride ld: ct scattered back through w."""
+    if _empty(ct, lhs, rhs):
+        return _zeros_like(lhs)
     lhs_spec, rhs_spec, out_spec = dimension_numbers
     nd, groups = len(lhs_spec), max(feature_group_count, batch_group_count)
     w = lax.transpose(rhs, tuple(rhs_spec))                       # (O, I, K…)
@@ -72,6 +82,8 @@ def _conv_lhs(ct, out, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_d
 def _conv_rhs(ct, out, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
               dimension_numbers, feature_group_count, batch_group_count, precision, **_):
     """∂rhs[o, c, k] = Σ_n,m ct[n, o, m] · pad(dilate(x))[n, c, m·s + k·rd]: conv(x, ct)."""
+    if _empty(ct, lhs, rhs):
+        return _zeros_like(rhs)
     lhs_spec, rhs_spec, out_spec = dimension_numbers
     nd = len(lhs_spec)
     pads = []

@@ -27,6 +27,7 @@ from jax.extend.core import Literal, jaxprs_in_params
 
 from jaxprop import _jax
 from jaxprop.registry import OVERRIDES, Cotangent, Node
+from jaxprop.rules._util import inputs_reaching
 from jaxprop.sweep import SWEEP_CHECKS, backward
 from jaxprop.tracer import (WATCHES, JaxpropTrace, LinearTrace, Tape, handler,
                             inlining_forced, run_traced, sharding_of, zeros_like_value)
@@ -108,9 +109,12 @@ def _dispatcher(closed: Any) -> Any:
 
 def _compiled_call_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     """jit(f): ct_in = vjp(f)(inputs)(ct_out), as one compiled program (forward recomputed)."""
-    wants = node.wants
     given = tuple(ct is not None for ct in cts)
-    vjp = _compiled_vjp(node.params["jaxpr"], wants, given, _Placement(node.params))
+    closed = node.params["jaxpr"]  # inputs no nonzero cotangent reaches keep a symbolic zero
+    wants = tuple(w and r for w, r in zip(node.wants, inputs_reaching(closed.jaxpr, given)))
+    if not any(wants):
+        return [None] * len(wants)
+    vjp = _compiled_vjp(closed, wants, given, _Placement(node.params))
     in_cts = iter(vjp(list(node.inputs), [ct for ct in cts if ct is not None]))
     return [next(in_cts) if w else None for w in wants]
 
@@ -179,7 +183,8 @@ def custom_jvp_call(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any,
         return _jax.bind_on(trace.parent, primitive, values, params)
     if _eager_fast_path(trace):
         return _deferred_custom_jvp(trace, primitive, fun, jvp, values, in_slots, params)
-    tape, primals_out = _linearize(trace.parent, jvp, values, in_slots, symbolic_zeros)
+    tape, primals_out = _linearize(trace.parent, jvp, values, in_slots, symbolic_zeros,
+                                   _name_of(fun))
     return trace.record(primitive, {"name": _name_of(fun)}, values, in_slots,
                         list(primals_out), _transpose_linear_tape, residuals=tape,
                         multiple_results=True)
@@ -190,9 +195,10 @@ def _name_of(fun: Any) -> str:
 
 
 def _linearize(parent: Any, jvp: Any, values: Sequence[Any], in_slots: Sequence[Any],
-               symbolic_zeros: bool) -> tuple[Tape, list[Any]]:
-    """Run the user's JVP on ``values``: (tape of its tangent map, primal outputs)."""
-    linear = LinearTrace(parent)
+               symbolic_zeros: bool, name: str = "custom_jvp") -> tuple[Tape, list[Any]]:
+    """Run the user's JVP on ``values``: (tape of its tangent map, primal outputs). ``name``:
+    the function's, for errors."""
+    linear = LinearTrace(parent, name)
     with _jax.set_current_trace(parent):
         tangents = [linear.new_symbolic_input(_jax.aval_of(v).to_tangent_aval())
                     if s is not None else _zero_tangent(v, symbolic_zeros)
@@ -201,10 +207,10 @@ def _linearize(parent: Any, jvp: Any, values: Sequence[Any], in_slots: Sequence[
         with _jax.set_current_trace(linear):
             outs = jvp.call_wrapped(*values, *tangents)
     finally:
-        linear.invalidate()
+        nodes = linear.release()
     n = len(outs) // 2
     primals_out, tangents_out = outs[:n], outs[n:]
-    tape = Tape(linear.nodes, [t.slot if s is not None else None
+    tape = Tape(nodes, [t.slot if s is not None else None
                                for t, s in zip(tangents, in_slots)],
                 [linear.unwrap(t)[1] for t in tangents_out])
     return tape, list(primals_out)
@@ -225,7 +231,12 @@ def _deferred_custom_jvp(trace: JaxpropTrace, primitive: Any, fun: Any, jvp: Any
 class _JvpRule:
     """A custom JVP rule held in a node's params. Equal for calls of one ``custom_jvp``
     function with the same static arguments (``fun`` compares its function and static
-    arguments, ``jvp.f`` is the user's rule), so tapes through it share a compiled sweep."""
+    arguments, ``jvp.f`` is the rule), so tapes through it share a compiled sweep.
+
+    Only JAX's own rules (``jax.nn.relu``, ``jnp.logaddexp`` …: functions of their arguments
+    alone) are hashable. A user's rule may read Python state that a compiled sweep would
+    freeze (JAX's eager grad runs the rule on every call), so tapes through it are swept
+    per node: its hash raises TypeError, which makes the tape's structure uncacheable."""
 
     __slots__ = ("fun", "jvp", "symbolic_zeros", "_key", "_hash")
 
@@ -234,8 +245,10 @@ class _JvpRule:
         self._key = (fun, jvp.f, symbolic_zeros)
         self._hash: int | None = None
 
-    def __hash__(self) -> int:  # TypeError for unhashable static arguments: not cacheable
+    def __hash__(self) -> int:  # TypeError: not cacheable (user rule, unhashable statics)
         if self._hash is None:
+            if not _is_jax_function(self.jvp.f):
+                raise TypeError("a user's custom_jvp rule may read Python state")
             self._hash = hash(self._key)
         return self._hash
 
@@ -247,11 +260,26 @@ class _JvpRule:
         return f"jvp={getattr(self.jvp.f, '__qualname__', self.jvp.f)}"
 
 
+def _is_jax_function(fn: Any, seen: frozenset = frozenset()) -> bool:
+    """Whether ``fn`` (a custom rule) is defined inside JAX itself, and so are the functions it
+    wraps (``defjvps`` wraps one rule per argument; those may be the user's)."""
+    fn = getattr(fn, "func", fn)
+    if id(fn) in seen:
+        return True
+    if (getattr(fn, "__module__", None) or "").split(".")[0] != "jax":
+        return False
+    wrapped = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
+               if callable(c.cell_contents) or isinstance(c.cell_contents, (tuple, list))]
+    inner = [f for w in wrapped for f in (w if isinstance(w, (tuple, list)) else (w,))
+             if f is not None]
+    return all(_is_jax_function(f, seen | {id(fn)}) for f in inner if callable(f))
+
+
 def _linearize_then_transpose(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     """custom_jvp (deferred): record the JVP's tangent map now, then ct_in = Jᵀ ct_out."""
     rule: _JvpRule = node.params["jvp"]
     tape, _ = _linearize(_jax.get_current_trace(), rule.jvp, node.inputs, node.in_slots,
-                         rule.symbolic_zeros)
+                         rule.symbolic_zeros, node.params["name"])
     return backward(tape.nodes, tape.out_slots, cts, tape.in_slots)
 
 

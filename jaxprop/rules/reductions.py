@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprop.registry import defvjp
+from jaxprop import _jax
+from jaxprop.registry import Node, defvjp, noderule
 from jaxprop.rules._util import convert_like, sharding_of
 
 
@@ -52,7 +53,7 @@ def compiled_when_eager(fn: Callable[..., Any], static_argnames: Sequence[str]):
     jitted = jax.jit(fn, static_argnames=tuple(static_argnames))
 
     def call(*args, **params):
-        traced = any(isinstance(a, JaxpropTracer) for a in args)
+        traced = any(isinstance(a, JaxpropTracer) for a in jax.tree.leaves(args))
         return (fn if traced else jitted)(*args, **params)
     return call
 
@@ -109,3 +110,62 @@ defvjp("cumprod", _by_prefix_scan(lax.mul))
 defvjp("cummax", _by_prefix_scan(lax.max))
 defvjp("cummin", _by_prefix_scan(lax.min))
 defvjp("cumlogsumexp", _by_prefix_scan(jnp.logaddexp))
+
+
+# -- variadic reduce (lax.reduce with a user's reducer) ---------------------------------------
+@noderule("reduce")
+def _reduce(node: Node, cts: Sequence[Any]) -> list[Any]:
+    """reduce((x₁…xₙ), inits, f, axes): the reduction is a tree of f applications (halves
+    against halves); its VJP is that tree's tape swept back — for a reducer that selects
+    (max carrying an index or a second value), the cotangent reaches the selected elements."""
+    n = len(node.inputs) // 2
+    if any(s is not None for s in node.in_slots[n:]):
+        raise NotImplementedError(
+            "Gradient of general lax.reduce with respect to its initial values is not "
+            "implemented (nor in JAX); pass constant initial values.")
+    wanted = tuple(i for i in range(n) if node.in_slots[i] is not None)
+    in_cts = iter(_reduce_vjp(list(node.inputs[:n]), list(node.inputs[n:]), list(cts),
+                              jaxpr=node.params["jaxpr"], axes=tuple(node.params["dimensions"]),
+                              wanted=wanted))
+    return [next(in_cts) if s is not None else None for s in node.in_slots[:n]] + [None] * n
+
+
+def _reduce_vjp_traced(operands, inits, cts, *, jaxpr, axes, wanted):
+    """Cotangents of ``operands[wanted]``: the sweep of the reduction tree's tape."""
+    reducer = _jax.jaxpr_as_fun(jaxpr)
+
+    def tree(*diff_operands):
+        xs = list(operands)
+        for i, x in zip(wanted, diff_operands):
+            xs[i] = x
+        return _reduce_tree(reducer, xs, inits, axes)
+
+    return vjp_by_tracing(tree, [operands[i] for i in wanted], cts)
+
+
+_reduce_vjp = compiled_when_eager(_reduce_vjp_traced, ("jaxpr", "axes", "wanted"))
+
+
+def _reduce_tree(reducer: Callable, xs: list, inits: Sequence[Any], axes: tuple) -> list:
+    """reduce(xs, inits, reducer, axes) as ⌈log₂ N⌉ levels of elementwise reducer calls: the
+    reduced axes flattened to the front, the first half combined with the second (an odd
+    element out is paired with the initial value)."""
+    shape = np.shape(xs[0])
+    rest = tuple(d for d in range(len(shape)) if d not in axes)
+    rest_shape = tuple(shape[d] for d in rest)
+    count = int(np.prod([shape[a] for a in axes], dtype=int))
+    xs = [lax.reshape(x, (count, *rest_shape), axes + rest) for x in xs]
+    combine = reducer
+    for _ in range(len(rest_shape) + 1):
+        combine = jax.vmap(combine)
+    while xs[0].shape[0] > 1:
+        half = (xs[0].shape[0] + 1) // 2
+        first = [x[:half] for x in xs]
+        second = [x[half:] for x in xs]
+        if second[0].shape[0] < half:   # odd: the init value stands in for the missing one
+            second = [jnp.concatenate([s, jnp.full((1, *rest_shape), i, s.dtype)])
+                      for s, i in zip(second, inits)]
+        xs = list(combine(*first, *second))
+    if xs[0].shape[0] == 0:
+        return [jnp.full(rest_shape, i, x.dtype) for x, i in zip(xs, inits)]
+    return [x[0] for x in xs]

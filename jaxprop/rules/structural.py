@@ -61,7 +61,18 @@ def _tile(ct, out, x, reps):
 
 defvjp("broadcast_in_dim", _broadcast_in_dim)
 defvjp("tile", _tile)
-defvjp("reshape", lambda ct, out, x, *dyn, **_: ct.reshape(np.shape(x)))    # inverse reshape
+
+
+def _reshape(ct, out, x, *dyn, dimensions=None, **_):
+    """reshape(x, dimensions=perm) = reshape(transpose(x, perm)): inverse reshape, then the
+    inverse permutation."""
+    if dimensions is None:
+        return ct.reshape(np.shape(x))
+    permuted = tuple(np.shape(x)[d] for d in dimensions)
+    return lax.transpose(ct.reshape(permuted), tuple(np.argsort(dimensions)))
+
+
+defvjp("reshape", _reshape)
 defvjp("squeeze", lambda ct, out, x, **_: ct.reshape(np.shape(x)))
 defvjp("expand_dims", lambda ct, out, x, **_: ct.reshape(np.shape(x)))
 defvjp("transpose",                                                         # inverse perm
