@@ -606,7 +606,7 @@ class Failure:
                 first.split(":")[0] if self.kind == "error" else self.kind)
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not caught by "except Exception" in user code
     pass
 
 
@@ -782,7 +782,7 @@ def _rename(statements: Sequence[Statement], names: dict[str, str]) -> tuple[Sta
 
 
 def shrink(program: Program, failure: Failure, time_limit: float | None = 60.0,
-           budget_s: float = 300.0) -> Program:
+           budget_s: float = 120.0) -> Program:
     """The smallest variant of ``program`` found that still fails like ``failure``."""
     start = time.monotonic()
     improved = True
@@ -854,13 +854,16 @@ def sweep(seeds: Iterable[int], modes: Sequence[str] = MODES, dtypes: Sequence[s
                 report.counts[(mode, dtype, outcome)] += 1
                 if isinstance(result, Failure) and outcome != "known" and not failed:
                     failed = True
+                    if log:
+                        log(f"seed {seed}: {result.kind} in {mode} ({dtype}), shrinking: "
+                            f"{result.message[:1000]}")
                     small = shrink(program, result, time_limit) if shrink_failures else program
                     report.failures.append((small, result))
                     if log:
                         log(f"seed {seed}: {result.kind} in {mode} ({dtype})\n"
                             f"{small.body_source()}")
-        if log and seed % 10 == 0:
-            log(f"seed {seed}: {time.monotonic() - start:.0f} s")
+        if log:
+            log(f"seed {seed} done: {time.monotonic() - start:.0f} s")
     report.seconds = time.monotonic() - start
     return report
 
