@@ -54,5 +54,5 @@ def test_short_sweep():
 
 @pytest.mark.slow
 def test_long_sweep():
-    report = fuzz.sweep(range(1000, 1200), time_limit=120)
+    report = fuzz.sweep(range(1000, 1100), time_limit=120)   # 40–90 s per program on 2 busy cores
     assert report.ok, str(report)
