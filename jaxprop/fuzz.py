@@ -848,6 +848,7 @@ def sweep(seeds: Iterable[int], modes: Sequence[str] = MODES, dtypes: Sequence[s
         program = random_program(seed, size, depth)
         report.programs += 1
         failed = False
+        outcomes: Counter = Counter()
         for dtype in dtypes:
             for mode in modes:
                 t0 = time.monotonic()
@@ -859,6 +860,7 @@ def sweep(seeds: Iterable[int], modes: Sequence[str] = MODES, dtypes: Sequence[s
                 if isinstance(result, Failure) and known is not None and known(program, result):
                     outcome = "known"
                 report.counts[(mode, dtype, outcome)] += 1
+                outcomes[outcome] += 1
                 if isinstance(result, Failure) and outcome != "known" and not failed:
                     failed = True
                     if log:
@@ -871,7 +873,7 @@ def sweep(seeds: Iterable[int], modes: Sequence[str] = MODES, dtypes: Sequence[s
                         log(f"seed {seed}: {result.kind} in {mode} ({dtype})\n"
                             f"{small.body_source()}")
         if log:
-            log(f"seed {seed} done: {time.monotonic() - start:.0f} s")
+            log(f"seed {seed} done: {time.monotonic() - start:.0f} s {dict(outcomes)}")
     report.seconds = time.monotonic() - start
     return report
 
