@@ -344,3 +344,29 @@ def test_checkpoint_policy_recomputes_what_jax_does(f):
 def test_checkpoint_policy_around_control_flow_second_order(f):
     check(f, rand((5, 5)) * 0.3)
     check(jax.jit(f), rand((5, 5)) * 0.3)
+
+
+# -- found by jaxprop.fuzz (seed 7011): a scan carry that does not read its own input ---------
+@pytest.mark.parametrize("body", [
+    lambda w: (lambda c, x: (w[0, 0] * 2.0, x)),               # consts only (hoisted whole)
+    lambda w: (lambda c, x: (jnp.sin(w[0, 0]) + x, x)),        # consts and xs, not the carry
+    lambda w: (lambda c, x: (jnp.sort(w, axis=1)[0, 0] * x, c)),   # carry passed to ys only
+])
+@pytest.mark.parametrize("jit", [False, True])
+def test_scan_carry_that_ignores_its_input_still_passes_its_cotangent_on(body, jit):
+    w = jnp.asarray([[0.3, -1.2], [0.7, 0.1], [2.0, -0.4]])
+    xs = jnp.linspace(0.5, 1.5, 4)
+
+    def f(w, c0):
+        c, ys = lax.scan(body(w), c0, xs, reverse=True)
+        return jnp.sin(c) + jnp.sum(ys)
+
+    ours = jaxprop.grad(f, (0, 1))
+    ours = jax.jit(ours) if jit else ours
+    for a, b in zip(ours(w, 0.3), jax.grad(f, (0, 1))(w, 0.3)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    second = lambda g: lambda w: jnp.sum(jnp.cos(g(f, 0)(w, 0.3)))
+    np.testing.assert_allclose(second(jaxprop.grad)(w) if not jit else
+                               jax.jit(jaxprop.grad(second(jaxprop.grad)))(w),
+                               second(jax.grad)(w) if not jit else
+                               jax.grad(second(jax.grad))(w), rtol=1e-5, atol=1e-6)

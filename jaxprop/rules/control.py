@@ -344,7 +344,10 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
              and layout.out_slots[n_k + j] is not None]
     reached = _scan_reached(p["jaxpr"].jaxpr, [ct is not None for ct in cts[:n_k]], ys_ct,
                             n_c, n_k)
-    carry_d = [i for i in range(n_c, n_c + n_k) if diff[i] and reached[i]]
+    # carries whose cotangent the reverse loop carries: given from outside or passed back by
+    # the body; only those the body reads (reached) send one on to the carry's initial value
+    carry_d = [i for i in range(n_c, n_c + n_k)
+               if diff[i] and (reached[i] or cts[i - n_c] is not None)]
     const_d = [i for i in range(n_c) if diff[i] and reached[i] and node.in_slots[i] is not None]
     xs_d = [i for i in range(n_c + n_k, len(values))
             if diff[i] and reached[i] and node.in_slots[i] is not None]
@@ -382,7 +385,7 @@ def _scan_rule(node: Node, cts: Sequence[Cotangent]) -> list[Cotangent]:
     for i, ct in zip(const_d, ct_consts):
         out[i] = ct
     for i, ct in zip(carry_d, ct_init):
-        out[i] = ct if node.in_slots[i] is not None else None
+        out[i] = ct if reached[i] and node.in_slots[i] is not None else None
     for i, ct in zip(xs_d, ct_xs):
         out[i] = ct
     return out
