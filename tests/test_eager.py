@@ -294,3 +294,15 @@ def test_per_example_gradients_under_eager_vmap_compile_the_sweep():
     for _ in range(CALLS):
         assert_close(per_example(jaxprop.grad)(params, xs), expected, rtol=1e-5)
     assert sweeps("compiled") > before
+
+
+def test_tapes_over_max_nodes_stay_per_node(monkeypatch):
+    """A tape longer than eager.MAX_NODES (an eagerly unrolled long loop) is never compiled:
+    every sweep runs per node, and still equals jax.grad."""
+    params, x = mlp_params(), normal(4, 5)
+    expected = jax.grad(mlp_loss)(params, x)
+    monkeypatch.setattr(eager, "MAX_NODES", 1)
+    before = sweeps("compiled"), sweeps("per_node")
+    for _ in range(CALLS):
+        assert_close(jaxprop.grad(mlp_loss)(params, x), expected)
+    assert sweeps("compiled") == before[0] and sweeps("per_node") == before[1] + CALLS
